@@ -23,6 +23,7 @@ from fastadv.cam import (
 from fastadv.models import create_model, with_normalization
 
 JET = matplotlib.colormaps["jet"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _pil_resize(cam: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -52,12 +53,14 @@ def _hand_made_cams() -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize(
-    "in_hw, out_hw", [((8, 8), (32, 32)), ((4, 4), (32, 32)), ((7, 5), (24, 32)), ((3, 9), (64, 13)), ((16, 16), (5, 7))]
+    "in_hw, out_hw",
+    [((8, 8), (32, 32)), ((4, 4), (32, 32)), ((7, 5), (24, 32)), ((3, 9), (64, 13)), ((16, 16), (5, 7))],
 )
 def test_bicubic_matches_pil_float_images(in_hw, out_hw):
     rng = np.random.default_rng(sum(in_hw) * 31 + sum(out_hw))
-    cams = [rng.random(in_hw).astype(np.float32) * 5 - 1, _hand_made_cams()["blob"][: in_hw[0], : in_hw[1]]]
-    cams = [np.resize(c, in_hw).astype(np.float32) for c in cams]
+    yy, xx = np.mgrid[0 : in_hw[0], 0 : in_hw[1]]
+    blob = np.exp(-((yy - in_hw[0] / 3) ** 2 + (xx - in_hw[1] / 2) ** 2) / 2.0)
+    cams = [rng.random(in_hw).astype(np.float32) * 5 - 1, blob.astype(np.float32)]
     ours = resize_bicubic_pil(torch.from_numpy(np.stack(cams)), out_hw).numpy()
     for i, cam in enumerate(cams):
         ref = _pil_resize(cam, *out_hw)
@@ -325,3 +328,18 @@ def test_cam_errors():
         with torch.inference_mode():
             compute_cam(net, x, "target")
     assert all(p.requires_grad for p in net.parameters())  # restored after the failures
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cam_and_masks_on_device_match_cpu(device):
+    torch.manual_seed(5)
+    model = create_model("small_cnn", width=4).eval()
+    x = torch.rand(3, 3, 32, 32)
+    cams = compute_cam(model, x)
+    on_device = compute_cam(model.to(device), x.to(device))
+    assert on_device.device.type == device
+    torch.testing.assert_close(on_device.cpu(), cams, rtol=1e-4, atol=1e-5)
+    for recipe in ("jet", "cam"):
+        masks = masks_from_cams(cams.to(device), (32, 32), recipe=recipe)
+        assert masks.device.type == device
+        assert torch.equal(masks.cpu(), masks_from_cams(cams, (32, 32), recipe=recipe))

@@ -27,10 +27,14 @@ def crop_flip(x: Tensor, offsets: Tensor, flips: Tensor, padding: int = 4, fill:
     if batch == 0:
         return x.clone()
     offsets = offsets.to(device=x.device, dtype=torch.long)
-    flips = flips.to(device=x.device, dtype=torch.bool)
     if offsets.min() < 0 or offsets.max() > 2 * padding:
         raise ValueError(f"crop_flip: offsets must lie in [0, {2 * padding}]")
+    return _crop_flip(x, offsets, flips.to(device=x.device, dtype=torch.bool), padding, fill)
 
+
+def _crop_flip(x: Tensor, offsets: Tensor, flips: Tensor, padding: int, fill: float) -> Tensor:
+    # No checks that read device values here: the random path must not synchronise with the host.
+    batch, channels, height, width = x.shape
     padded = F.pad(x, (padding, padding, padding, padding), value=fill) if padding else x
     padded_width = width + 2 * padding
     rows = offsets[:, :1] + torch.arange(height, device=x.device)  # (B, H)
@@ -56,14 +60,18 @@ def random_crop_flip(
     """
     if x.dim() != 4:
         raise ValueError(f"random_crop_flip: x must be a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+    if padding < 0:
+        raise ValueError(f"random_crop_flip: padding must be >= 0, got {padding}")
     batch = x.shape[0]
+    if batch == 0:
+        return x.clone()
     device = generator.device if generator is not None else x.device
     offsets = torch.randint(0, 2 * padding + 1, (batch, 2), generator=generator, device=device)
     if flip:
         flips = torch.randint(0, 2, (batch,), generator=generator, device=device).bool()
     else:
         flips = torch.zeros(batch, dtype=torch.bool, device=device)
-    return crop_flip(x, offsets, flips, padding=padding, fill=fill)
+    return _crop_flip(x, offsets.to(x.device), flips.to(x.device), padding, fill)
 
 
 class RandomCropFlip(nn.Module):

@@ -31,7 +31,7 @@ CIFAR10_CLASSES = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ImageSet:
     """Images ``x`` ``(N, C, H, W)`` (``uint8`` 0..255 or float in ``[0, 1]``), labels ``y`` ``(N,)`` int64."""
 
@@ -60,12 +60,18 @@ class ImageSet:
         return ImageSet(x, self.y, self.classes, self.name)
 
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and population standard deviation of the images on the ``[0, 1]`` scale."""
-        x = self.x.double()
-        if self.x.dtype == torch.uint8:
-            x = x / 255
-        mean = x.mean(dim=(0, 2, 3))
-        std = x.std(dim=(0, 2, 3), correction=0)
+        """Per-channel mean and population standard deviation of the images on the ``[0, 1]`` scale
+        (accumulated in float64, a chunk of images at a time)."""
+        scale = 255.0 if self.x.dtype == torch.uint8 else 1.0
+        total = torch.zeros(self.x.shape[1], dtype=torch.float64, device=self.x.device)
+        squares = torch.zeros_like(total)
+        for chunk in self.x.split(4096):
+            values = chunk.double() / scale
+            total += values.sum(dim=(0, 2, 3))
+            squares += values.square().sum(dim=(0, 2, 3))
+        count = self.x.shape[0] * self.x.shape[2] * self.x.shape[3]
+        mean = total / count
+        std = (squares / count - mean.square()).clamp(min=0).sqrt()
         return tuple(mean.tolist()), tuple(std.tolist())
 
     def loader(self, batch_size: int, **kwargs: Any) -> TensorLoader:
@@ -242,11 +248,16 @@ def load_cifar100(data_dir: PathLike | None, split: str = "train", label_type: s
 def load_svhn(data_dir: PathLike | None, split: str = "train") -> ImageSet:
     """SVHN from ``data_dir/<split>_32x32.mat`` (also looked for in ``data_dir/svhn/``): ``X`` of shape
     ``(32, 32, 3, N)`` uint8 and ``y`` ``(N, 1)`` with digit 0 stored as label 10 (mapped back to 0)."""
-    from scipy.io import loadmat
+    try:
+        from scipy.io import loadmat
+    except ImportError as exc:
+        raise ImportError("svhn: reading the .mat files needs scipy (pip install scipy)") from exc
 
     _check_split("svhn", split, ("train", "test", "extra"))
     filename = f"{split}_32x32.mat"
-    root = _locate(_require_dir(data_dir, "svhn", filename), "svhn", filename)
+    root = _require_dir(data_dir, "svhn", filename)
+    if not (root / filename).exists() and (root / "svhn" / filename).exists():
+        root = root / "svhn"
     path = _require_file(root / filename, "svhn", "the MATLAB file of the cropped-digits format")
     try:
         content = loadmat(str(path))

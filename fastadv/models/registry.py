@@ -90,14 +90,34 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             f"checkpoint {str(path)!r} holds no state dict (expected a dict of tensors, or one under "
             "'state_dict', 'model_state_dict' or 'model')"
         )
-    # Checkpoints saved from DistributedDataParallel or torch.compile wrappers carry these prefixes.
-    cleaned = {}
-    for key, value in checkpoint.items():
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        cleaned[key] = value
-    return cleaned
+    return checkpoint
+
+
+# Prefixes that wrappers add to every key: DistributedDataParallel, torch.compile, TimmModel,
+# with_normalization.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "1.")
+
+
+def _fit_keys(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
+    """``state`` with wrapper prefixes removed (or TimmModel's added) when that makes its keys exactly
+    ``expected``; otherwise ``state`` unchanged, for ``load_state_dict`` to report the mismatch."""
+    candidates = [state]
+    current = state
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if current and all(k.startswith(prefix) for k in current):
+                current = {k[len(prefix):]: v for k, v in current.items()}
+                candidates.append(current)
+                stripped = True
+    for candidate in candidates:
+        if set(candidate) == expected:
+            return candidate
+        prefixed = {f"model.{k}": v for k, v in candidate.items()}
+        if set(prefixed) == expected:
+            return prefixed
+    return state
 
 
 def _checkpoint_file(checkpoint_path: str | os.PathLike) -> Path:
@@ -130,16 +150,18 @@ def _create_timm(
             name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=num_classes, **kwargs
         )
     else:
-        # A checkpoint given without pretrained=True is a full checkpoint of this very model (strict).
+        # A checkpoint given without pretrained=True is a full checkpoint of this very model (strict),
+        # saved from the timm model itself or from its TimmModel wrapper.
         path = _checkpoint_file(checkpoint_path) if checkpoint_path is not None else None
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        wrapped = TimmModel(timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs))
         if path is not None:
-            _load_strict(model, path)
+            _load_strict(wrapped, path)
+        return wrapped
     return TimmModel(model)
 
 
 def _load_strict(model: nn.Module, path: Path) -> None:
-    state = _read_state_dict(path)
+    state = _fit_keys(_read_state_dict(path), set(model.state_dict()))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -157,8 +179,9 @@ def create_model(
     """Build model ``name``: one of :func:`list_models`, else any ``timm`` model.
 
     fastadv's own models have no published weights: ``checkpoint_path`` loads a state dict saved from
-    the same architecture (a bare state dict or one under ``state_dict``/``model``; ``module.`` prefixes
-    are stripped) and ``pretrained=True`` without it is an error. For timm models, ``pretrained=True``
+    the same architecture (a bare state dict or one under ``state_dict``/``model``; the key prefixes of
+    DDP, ``torch.compile`` and ``with_normalization`` wrappers are removed) and ``pretrained=True``
+    without it is an error. For timm models, ``pretrained=True``
     requires ``checkpoint_path`` (the weights file, loaded by timm with its classifier adapted to
     ``num_classes``), so nothing is ever downloaded and nothing hangs offline. Extra keyword arguments go
     to the constructor (e.g. ``width=``, ``depth=``, ``widen=``, ``in_chans=`` for timm).

@@ -52,22 +52,30 @@ if not loaded:
                   "(correct, but slower).", RuntimeWarning, stacklevel=2)
 
 
+def _native_device_types() -> frozenset[str]:
+    if not loaded:
+        return frozenset()
+    types = {t for t, key in _DISPATCH_KEY.items()
+             if torch._C._dispatch_has_kernel_for_dispatch_key("fastadv::pgd_step", key)}
+    if "cuda" in types and not torch.cuda.is_available():
+        types.discard("cuda")
+    return frozenset(types)
+
+
+# Computed once: a constant set that torch.compile can trace through (the dispatcher query cannot be).
+NATIVE_DEVICE_TYPES = _native_device_types()
+
+
 def has_native(device: str | torch.device = "cpu") -> bool:
     """Whether the compiled kernels for ``device`` are loaded (else the reference versions run)."""
-    dev = torch.device(device)
-    key = _DISPATCH_KEY.get(dev.type)
-    if not loaded or key is None:
-        return False
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastadv::pgd_step", key)
+    return torch.device(device).type in NATIVE_DEVICE_TYPES
 
 
 def use_native(t: torch.Tensor) -> bool:
     """Route a call on ``t`` to the compiled op; warn once per device type that has no kernels."""
     if _force_reference:
         return False
-    if has_native(t.device):
+    if t.device.type in NATIVE_DEVICE_TYPES:
         return True
     if loaded and t.device.type not in _warned_devices:
         _warned_devices.add(t.device.type)
