@@ -178,7 +178,7 @@ def roc_metrics(
 
     Returns:
         A dict with ``auc`` (Mann–Whitney, ties ½), ``balanced_accuracy`` (max ½(TPR + 1 − FPR)),
-        ``advantage`` (max TPR − FPR), ``best_threshold`` (a threshold reaching both maxima),
+        ``advantage`` (max TPR − FPR), ``best_threshold`` (the highest threshold reaching both maxima),
         ``tpr_at_fpr`` (``{level: {"tpr", "fpr", "threshold"}}``, ``≤`` convention, achieved FPR reported),
         ``n_members``, ``n_nonmembers`` and, with ``bootstrap > 0``, ``ci``. A threshold of ``+inf`` means
         "flag nobody". All numbers are Python floats/ints.

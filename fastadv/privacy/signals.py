@@ -91,7 +91,7 @@ def _log_one_minus_softmax(z: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor
     small = torch.log1p(-torch.exp(log_p))
     # p_i >= 1/2: 1 − p_i = Σ_{j≠i} p_j, evaluated as log-sum-exp of the other logits. Only the row's
     # arg-max can have p_i > 1/2 (another class tied at exactly 1/2 keeps log1p, accurate there).
-    top, arg = z.max(1, keepdim=True)
+    arg = z.argmax(1, keepdim=True)
     others = torch.logsumexp(z.scatter(1, arg, -math.inf), 1, keepdim=True)
     lse = torch.logsumexp(z, 1, keepdim=True)
     large = torch.zeros_like(z).scatter(1, arg, others - lse)
