@@ -72,7 +72,7 @@ if _flag("FASTADV_FORCE_CUDA") and not want_cuda:
 if want_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
     os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
 
-cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp-simd"]
 sources = ["csrc/fastadv.cpp", "csrc/frontend.cpp", "csrc/cpu/pgd_step.cpp", "csrc/cpu/prompt_pad.cpp"]
 include_dirs = [str(ROOT / "csrc" / "include")]
 if want_cuda:

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -151,6 +152,40 @@ Canonical canonical_output(const at::Tensor& target) {
   return c;
 }
 
+// Merges adjacent memory dimensions that every strided operand also walks contiguously (or broadcasts
+// along both), so that kernels see long rows: a (B, 1, H, W) budget over NCHW images becomes rows of H*W.
+void coalesce(Layout& L, std::initializer_list<ValueArg*> values) {
+  std::vector<ValueArg*> strided;
+  for (ValueArg* v : values) {
+    if (v->kind == ValueKind::Map || v->kind == ValueKind::Mask) strided.push_back(v);
+  }
+  if (L.ndim <= 1) return;
+  int64_t sizes[kMaxDims];
+  int64_t strides[kMaxDims][kMaxDims];  // [operand][dim], innermost group first
+  int n = 0;
+  sizes[0] = L.sizes[L.ndim - 1];
+  for (size_t o = 0; o < strided.size(); ++o) strides[o][0] = strided[o]->strides[L.ndim - 1];
+  for (int k = L.ndim - 2; k >= 0; --k) {
+    bool merge = true;
+    for (size_t o = 0; o < strided.size() && merge; ++o) {
+      merge = L.sizes[k] == 1 || strided[o]->strides[k] == strides[o][n] * sizes[n];
+    }
+    if (merge) {
+      sizes[n] *= L.sizes[k];
+    } else {
+      ++n;
+      sizes[n] = L.sizes[k];
+      for (size_t o = 0; o < strided.size(); ++o) strides[o][n] = strided[o]->strides[k];
+    }
+  }
+  L.ndim = n + 1;
+  for (int k = 0; k <= n; ++k) {
+    L.sizes[k] = sizes[n - k];
+    for (size_t o = 0; o < strided.size(); ++o) strided[o]->strides[k] = strides[o][n - k];
+  }
+  for (int k = L.ndim; k < kMaxDims; ++k) L.sizes[k] = 1;
+}
+
 // --- epsilon / alpha arguments --------------------------------------------------------------------------
 
 struct Value {
@@ -274,6 +309,7 @@ void run_step(const char* op, const at::Tensor& target, const at::Tensor& delta,
   args.l2 = l2;
   args.lo = lo;
   args.hi = hi;
+  coalesce(args.layout, {&args.eps, &args.alpha});
   at::Tensor workspace;
   if (l2 && !x.device().is_cpu() && x.numel() > 0) {
     workspace = at::zeros({2 * x.size(0)}, x.options().dtype(acc_type(x.scalar_type())));
@@ -441,6 +477,7 @@ at::Tensor random_init_op(const at::Tensor& x, double eps, const std::optional<a
   args.noise = noise.const_data_ptr();
   args.lo = lo;
   args.hi = hi;
+  coalesce(args.layout, {&args.v});
   be.random_init(args, be.current_stream());
   if (!c.work.is_same(out)) out.copy_(c.work);
   return out;

@@ -1,13 +1,56 @@
 // CPU kernels: the fused PGD step (L-inf, L2, per-pixel and masked epsilon) and the random start.
 // Work is split with at::parallel_for; the inner loops are plain contiguous loops the compiler vectorises.
+#include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "fastadv/cpu_common.h"
 #include "fastadv/step_math.h"
 
 namespace fastadv {
 namespace {
+
+// L-inf step where epsilon and/or alpha vary per element (per-pixel map or mask). Walks rows of the innermost
+// (coalesced) memory dimension, splitting at sample boundaries, so operand offsets are computed once per row
+// and the inner loop is specialised on the operand kinds.
+template <typename T, ValueKind EK, bool AlphaMap>
+void linf_rows(const StepArgs& a, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  T* out = static_cast<T*>(a.out);
+  const T* d = static_cast<const T*>(a.delta);
+  const T* g = static_cast<const T*>(a.grad);
+  const T* x = static_cast<const T*>(a.x);
+  const A lo = static_cast<A>(a.lo), hi = static_cast<A>(a.hi);
+  const Layout& L = a.layout;
+  const int64_t row = L.sizes[L.ndim - 1];
+  const int64_t es = a.eps.strides[L.ndim - 1], as = a.alpha.strides[L.ndim - 1];
+  const A eps_high = static_cast<A>(a.eps.value), eps_low = static_cast<A>(a.eps.value_low);
+  int64_t i = begin;
+  while (i < end) {
+    const int64_t b = i / L.sample_numel;
+    const int64_t seg_end = std::min({end, (i / row + 1) * row, (b + 1) * L.sample_numel});
+    const int64_t n = seg_end - i;
+    const A eps_b = sample_value<A>(a.eps, b), alpha_b = sample_value<A>(a.alpha, b);
+    const A* emap = nullptr;
+    const uint8_t* emask = nullptr;
+    if constexpr (EK == ValueKind::Map) emap = static_cast<const A*>(a.eps.ptr) + strided_offset(L, a.eps.strides, i);
+    if constexpr (EK == ValueKind::Mask)
+      emask = static_cast<const uint8_t*>(a.eps.ptr) + strided_offset(L, a.eps.strides, i);
+    const A* amap = nullptr;
+    if constexpr (AlphaMap) amap = static_cast<const A*>(a.alpha.ptr) + strided_offset(L, a.alpha.strides, i);
+    T* o = out + i;
+    const T *dd = d + i, *gg = g + i, *xx = x + i;
+    for (int64_t j = 0; j < n; ++j) {
+      A eps = eps_b;
+      if constexpr (EK == ValueKind::Map) eps = emap[j * es];
+      if constexpr (EK == ValueKind::Mask) eps = emask[j * es] ? eps_high : eps_low;
+      A alpha = alpha_b;
+      if constexpr (AlphaMap) alpha = amap[j * as];
+      o[j] = static_cast<T>(linf_step<A>(static_cast<A>(dd[j]), static_cast<A>(gg[j]), static_cast<A>(xx[j]), eps,
+                                         alpha, lo, hi));
+    }
+    i = seg_end;
+  }
+}
 
 // L-inf step over [begin, end) of the flat index space.
 template <typename T>
@@ -35,33 +78,14 @@ void linf_range(const StepArgs& a, int64_t begin, int64_t end) {
     }
     return;
   }
-  // General path: epsilon and/or alpha vary per element (per-pixel map or mask). Walk rows of the innermost
-  // memory dimension so that the operand offset is computed once per row.
-  const int64_t row = L.sizes[L.ndim - 1];
-  int64_t i = begin;
-  while (i < end) {
-    const int64_t row_end = std::min(end, (i / row + 1) * row);
-    const int64_t eoff = a.eps.kind >= ValueKind::Map ? strided_offset(L, a.eps.strides, i) : 0;
-    const int64_t aoff = a.alpha.kind >= ValueKind::Map ? strided_offset(L, a.alpha.strides, i) : 0;
-    const int64_t es = a.eps.strides[L.ndim - 1], as = a.alpha.strides[L.ndim - 1];
-    const int64_t b = i / L.sample_numel;
-    for (int64_t k = i; k < row_end; ++k) {
-      const int64_t j = k - i;
-      A eps, alpha;
-      switch (a.eps.kind) {
-        case ValueKind::Map: eps = static_cast<const A*>(a.eps.ptr)[eoff + j * es]; break;
-        case ValueKind::Mask:
-          eps = static_cast<const uint8_t*>(a.eps.ptr)[eoff + j * es] ? static_cast<A>(a.eps.value)
-                                                                       : static_cast<A>(a.eps.value_low);
-          break;
-        default: eps = sample_value<A>(a.eps, b);
-      }
-      alpha = a.alpha.kind == ValueKind::Map ? static_cast<const A*>(a.alpha.ptr)[aoff + j * as]
-                                             : sample_value<A>(a.alpha, b);
-      out[k] = static_cast<T>(linf_step<A>(static_cast<A>(d[k]), static_cast<A>(g[k]),
-                                           static_cast<A>(x[k]), eps, alpha, lo, hi));
-    }
-    i = row_end;
+  if (a.eps.kind == ValueKind::Map) {
+    a.alpha.kind == ValueKind::Map ? linf_rows<T, ValueKind::Map, true>(a, begin, end)
+                                   : linf_rows<T, ValueKind::Map, false>(a, begin, end);
+  } else if (a.eps.kind == ValueKind::Mask) {
+    a.alpha.kind == ValueKind::Map ? linf_rows<T, ValueKind::Mask, true>(a, begin, end)
+                                   : linf_rows<T, ValueKind::Mask, false>(a, begin, end);
+  } else {
+    linf_rows<T, ValueKind::PerSample, true>(a, begin, end);
   }
 }
 
@@ -80,6 +104,7 @@ void l2_samples(const StepArgs& a, int64_t b0, int64_t b1) {
     const A eps = sample_value<A>(a.eps, b), alpha = sample_value<A>(a.alpha, b);
 
     double gsq = 0.0;
+#pragma omp simd reduction(+ : gsq)
     for (int64_t k = 0; k < S; ++k) {
       const double gk = static_cast<double>(static_cast<A>(g[k]));
       gsq += gk * gk;
@@ -89,6 +114,7 @@ void l2_samples(const StepArgs& a, int64_t b0, int64_t b1) {
     const A step = alpha / gnorm;
 
     double dsq = 0.0;
+#pragma omp simd reduction(+ : dsq)
     for (int64_t k = 0; k < S; ++k) {
       const double v = static_cast<double>(static_cast<A>(d[k]) + step * static_cast<A>(g[k]));
       dsq += v * v;
