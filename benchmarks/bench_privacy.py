@@ -297,7 +297,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-loop-seconds", type=float, default=60.0)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: the numpy reference loop is single-threaded, and on a "
+        "shared 2-core machine multi-threaded torch timings swing with other jobs; 0 = torch's default)",
+    )
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     roc_sizes = [(1000, 1000), (5000, 1000)] if args.quick else [(10_000, 10_000), (50_000, 10_000)]
     rmia_size = (2000, 2000, 4) if args.quick else (20_000, 20_000, 4)
@@ -306,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": "cpu",
         "cpu": _cpu_name(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "torch_version": torch.__version__,
         "numpy_version": np.__version__,
         "python_version": platform.python_version(),

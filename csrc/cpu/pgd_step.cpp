@@ -39,15 +39,20 @@ void linf_rows(const StepArgs& a, int64_t begin, int64_t end) {
     if constexpr (AlphaMap) amap = static_cast<const A*>(a.alpha.ptr) + strided_offset(L, a.alpha.strides, i);
     T* o = out + i;
     const T *dd = d + i, *gg = g + i, *xx = x + i;
-    for (int64_t j = 0; j < n; ++j) {
-      A eps = eps_b;
-      if constexpr (EK == ValueKind::Map) eps = emap[j * es];
-      if constexpr (EK == ValueKind::Mask) eps = emask[j * es] ? eps_high : eps_low;
-      A alpha = alpha_b;
-      if constexpr (AlphaMap) alpha = amap[j * as];
-      o[j] = static_cast<T>(linf_step<A>(static_cast<A>(dd[j]), static_cast<A>(gg[j]), static_cast<A>(xx[j]), eps,
-                                         alpha, lo, hi));
-    }
+    // Unit-stride operands (the usual per-pixel map) get a loop the compiler can vectorise.
+    auto body = [&](int64_t e_step, int64_t a_step) {
+      for (int64_t j = 0; j < n; ++j) {
+        A eps = eps_b;
+        if constexpr (EK == ValueKind::Map) eps = emap[j * e_step];
+        if constexpr (EK == ValueKind::Mask) eps = emask[j * e_step] ? eps_high : eps_low;
+        A alpha = alpha_b;
+        if constexpr (AlphaMap) alpha = amap[j * a_step];
+        o[j] = static_cast<T>(linf_step<A>(static_cast<A>(dd[j]), static_cast<A>(gg[j]), static_cast<A>(xx[j]),
+                                           eps, alpha, lo, hi));
+      }
+    };
+    if (es == 1 && (!AlphaMap || as == 1)) body(1, 1);
+    else body(es, as);
     i = seg_end;
   }
 }

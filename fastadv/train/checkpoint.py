@@ -1,0 +1,155 @@
+"""Checkpoints: atomic writes, ``weights_only`` loading with clear errors, and RNG states as plain values.
+
+A checkpoint is a dict of tensors and plain Python values only (no pickled objects), so that
+``torch.load(path, weights_only=True)`` reads it. It is written to a temporary file in the destination folder,
+flushed to disk and moved over the destination with ``os.replace``: a crash leaves either the old file or
+the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "fastadv.train.checkpoint"
+VERSION = 1
+REQUIRED_KEYS = ("format", "version", "config", "epoch", "step_in_epoch", "global_step", "model", "optimizer",
+                 "scheduler", "scaler", "method", "rng", "data", "history")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, not a fastadv training checkpoint, or
+    incompatible with the run that tries to resume from it."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable (best effort: not every platform can open a folder)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary file + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a training checkpoint with ``torch.load(..., weights_only=True)`` and check its layout.
+
+    Raises ``FileNotFoundError`` when ``path`` is missing and :class:`CheckpointError` (a ``ValueError``) when
+    the file is truncated or corrupt, holds objects that ``weights_only`` refuses, or is not a fastadv training
+    checkpoint (e.g. a bare state dict).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes): the file is truncated")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds Python objects that torch.load(weights_only=True) refuses to "
+                f"unpickle ({message}); fastadv checkpoints contain tensors and plain values only"
+            ) from exc
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or truncated and cannot be read ({type(exc).__name__}: {message})"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a fastadv training checkpoint (expected a dict with "
+            f"format={FORMAT!r}); to load bare model weights use fastadv.models.create_model(checkpoint_path=...)"
+        )
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version {state.get('version')!r}; "
+                              f"this fastadv reads version {VERSION}")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks the entries {', '.join(missing)} (incomplete file)")
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG states as tensors and plain values
+
+
+def capture_global_rng() -> dict:
+    """The process-wide RNG states: torch CPU, every CUDA device, Python's ``random`` and NumPy's legacy
+    global generator, as tensors / ints / floats / strings."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": {"kind": str(np_kind), "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "cuda": [],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_global_rng(state: dict) -> None:
+    """Inverse of :func:`capture_global_rng`."""
+    torch.set_rng_state(state["torch"].cpu())
+    version, values, gauss = state["python"]
+    random.setstate((version, tuple(values), gauss))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available():
+        if len(cuda_states) != torch.cuda.device_count():
+            raise CheckpointError(f"the checkpoint holds RNG states of {len(cuda_states)} CUDA devices but "
+                                  f"{torch.cuda.device_count()} are visible")
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+
+
+__all__ = ["CheckpointError", "FORMAT", "VERSION", "atomic_save", "atomic_write_text", "capture_global_rng",
+           "load_checkpoint", "restore_global_rng"]
