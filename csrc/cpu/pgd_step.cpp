@@ -2,6 +2,7 @@
 // Work is split with at::parallel_for; the inner loops are plain contiguous loops the compiler vectorises.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "fastadv/cpu_common.h"
 #include "fastadv/step_math.h"
@@ -40,7 +41,7 @@ void linf_rows(const StepArgs& a, int64_t begin, int64_t end) {
     T* o = out + i;
     const T *dd = d + i, *gg = g + i, *xx = x + i;
     // Unit-stride operands (the usual per-pixel map) get a loop the compiler can vectorise.
-    auto body = [&](int64_t e_step, int64_t a_step) {
+    auto body = [&](auto e_step, auto a_step) {
       for (int64_t j = 0; j < n; ++j) {
         A eps = eps_b;
         if constexpr (EK == ValueKind::Map) eps = emap[j * e_step];
@@ -51,7 +52,8 @@ void linf_rows(const StepArgs& a, int64_t begin, int64_t end) {
                                            eps, alpha, lo, hi));
       }
     };
-    if (es == 1 && (!AlphaMap || as == 1)) body(1, 1);
+    using One = std::integral_constant<int64_t, 1>;
+    if (es == 1 && (!AlphaMap || as == 1)) body(One{}, One{});
     else body(es, as);
     i = seg_end;
   }

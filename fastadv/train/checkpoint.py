@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 FORMAT = "fastadv.train.checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("format", "version", "config", "epoch", "step_in_epoch", "global_step", "model", "optimizer",
-                 "scheduler", "scaler", "method", "rng", "data", "history")
+                 "scheduler", "scaler", "method", "ranks", "data", "history")
 
 
 class CheckpointError(ValueError):
@@ -76,6 +77,15 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     return path
 
 
+def _short_reason(text: str) -> str:
+    """The informative line of a torch.load error (its boilerplate about weights_only removed)."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if found:
+        return found.group(1).strip().splitlines()[0]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else "unknown error"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Read a training checkpoint with ``torch.load(..., weights_only=True)`` and check its layout.
 
@@ -91,14 +101,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        text = str(exc)
+        if "Unsupported global" in text:
+            found = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+            what = found.group(1) if found else "a Python object"
             raise CheckpointError(
-                f"checkpoint {str(path)!r} holds Python objects that torch.load(weights_only=True) refuses to "
-                f"unpickle ({message}); fastadv checkpoints contain tensors and plain values only"
+                f"checkpoint {str(path)!r} holds {what}, which torch.load(weights_only=True) refuses to unpickle; "
+                "fastadv checkpoints contain tensors and plain values only"
             ) from exc
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or truncated and cannot be read ({type(exc).__name__}: {message})"
+            f"checkpoint {str(path)!r} is corrupt or truncated and cannot be read ({type(exc).__name__}: "
+            f"{_short_reason(text)})"
         ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(

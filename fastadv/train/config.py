@@ -16,7 +16,7 @@ from typing import Any
 
 OPTIMIZERS = ("sgd", "adam", "sam")
 SAM_BASES = ("sgd", "adam")
-SCHEDULES = ("constant", "multistep", "cosine", "cyclic")
+SCHEDULES = ("auto", "constant", "multistep", "cosine", "cyclic")
 AMP_MODES = ("none", "bf16", "fp16")
 NORMS = ("linf", "l2")
 BEST_METRICS = ("pgd_acc", "nat_acc")
@@ -28,7 +28,7 @@ MASK_RECIPES = ("jet", "cam")
 # TrainConfig.for_method; any keyword given there wins).
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
     # Wong et al. 2020, CIFAR-10: FGSM-RS α = 1.25ε, 15 epochs, cyclic LR peaking at 0.2, weight decay 5e-4.
-    "fast_at": {"epochs": 15, "schedule": "cyclic", "lr": 0.2, "weight_decay": 5e-4, "cyclic_peak": 0.4},
+    "fast_at": {"epochs": 15, "lr": 0.2, "weight_decay": 5e-4, "cyclic_peak": 0.4},
     # Shafahi et al. 2019: m = 8 replays of each batch with step ε; the nominal 96 epochs (the RRM
     # reference's Free AT run) become 96 / m = 12 passes over the data.
     "free_at": {"free_replays": 8, "epochs": 96},
@@ -52,7 +52,8 @@ class TrainConfig:
     """All settings of a run. See the field comments; :meth:`validate` runs on construction."""
 
     # ---- what to train
-    method: str = "pgd_at"  # standard | pgd_at | trades | mart | part | part_trades | part_mart | fast_at | free_at | rrm
+    # standard | pgd_at | trades | mart | part | part_trades | part_mart | fast_at | free_at | rrm
+    method: str = "pgd_at"
     model: str = "resnet18"  # fastadv.models.create_model name (timm names too)
     model_kwargs: dict = field(default_factory=dict)  # e.g. {"width": 16} for small_cnn
     normalize: bool = False  # prepend Normalize(mean, std) of the training set (known CIFAR stats)
@@ -61,6 +62,7 @@ class TrainConfig:
     dataset: str = "cifar10"  # fastadv.data.get_dataset name; "digits" needs no files
     data_dir: str | None = None
     dataset_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for get_dataset
+    num_classes: int | None = None  # None: from the data (ImageSet classes, or the largest label + 1)
     train_subset: int | None = None  # use only the first n training examples
     eval_split: str = "test"  # split the held-out evaluation subset comes from
     eval_subset: int | None = 1000  # periodic evaluation on the first n examples of eval_split (None: all)
@@ -81,7 +83,7 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 2e-4
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    schedule: str = "multistep"  # constant | multistep | cosine | cyclic, updated every optimizer step
+    schedule: str = "auto"  # auto (cyclic for fast_at, else multistep) | constant | multistep | cosine | cyclic
     milestones: tuple[float, ...] | None = None  # multistep, in epochs; None = (50 %, 75 %) of epochs
     lr_gamma: float = 0.1  # multistep factor
     lr_warmup_epochs: float = 0.0  # linear LR warm-up (multistep / cosine / constant)
@@ -154,6 +156,14 @@ class TrainConfig:
             self.milestones = tuple(self.milestones)
         self.validate()
 
+    @property
+    def lr_schedule(self) -> str:
+        """The schedule in effect: ``schedule``, with ``"auto"`` resolved to the method's reference schedule
+        (Fast AT's cyclic one, else multistep). The schedule is applied after every optimiser step."""
+        if self.schedule != "auto":
+            return self.schedule
+        return "cyclic" if self.method == "fast_at" else "multistep"
+
     # ------------------------------------------------------------------ construction helpers
 
     @classmethod
@@ -223,7 +233,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 _fail(name, f"must be an integer >= 0, got {value!r}")
-        for name in ("train_subset", "eval_subset"):
+        for name in ("train_subset", "eval_subset", "num_classes"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 _fail(name, f"must be None or an integer >= 1, got {value!r}")
@@ -272,6 +282,8 @@ class TrainConfig:
         if self.optimizer == "sam" and self.amp == "fp16":
             _fail("amp", "fp16 (GradScaler) cannot be combined with optimizer='sam'; use amp='bf16'")
 
+        if self.method in ("pgd_at", "trades", "mart", "part", "part_trades", "part_mart") and self.steps < 1:
+            _fail("steps", f"method {self.method!r} needs at least one inner-maximisation step, got {self.steps}")
         if self.method.startswith("part"):
             if self.norm != "linf":
                 _fail("norm", f"method {self.method!r} reweights an L-inf budget per pixel; got norm={self.norm!r}")

@@ -117,7 +117,8 @@ def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
     t = epochs * step / total_steps
     t_next = epochs * (step + 1) / total_steps
     floor = config.lr_min / config.lr
-    if config.schedule == "cyclic":
+    schedule = config.lr_schedule
+    if schedule == "cyclic":
         # Triangle: floor -> 1 at cyclic_peak of training -> floor at the end (Wong et al. 2020).
         peak = config.cyclic_peak * epochs
         u = t_next / peak if t_next <= peak else max(0.0, (epochs - t_next) / (epochs - peak))
@@ -125,9 +126,9 @@ def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
     warmup = config.lr_warmup_epochs
     if warmup > 0 and t < warmup:
         return min(1.0, t_next / warmup)
-    if config.schedule == "constant":
+    if schedule == "constant":
         return 1.0
-    if config.schedule == "multistep":
+    if schedule == "multistep":
         milestones = config.milestones if config.milestones is not None else (0.5 * epochs, 0.75 * epochs)
         return config.lr_gamma ** sum(1 for m in milestones if t >= m)
     # cosine, after the warm-up

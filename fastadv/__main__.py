@@ -1,0 +1,3 @@
+from fastadv.cli import main
+
+raise SystemExit(main())
