@@ -63,10 +63,6 @@ def all_attacks(model, norm, generator=None):
     return out
 
 
-def ids(attacks):
-    return [repr(a)[:40] for a in attacks]
-
-
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_results_lie_in_the_eps_ball_and_the_box(norm):
     model = tiny_model()
@@ -172,7 +168,10 @@ def test_autocast_and_channels_last(amp):
     x, y = batch()
     adv = PGD(model, steps=3, amp=amp, channels_last=True, generator=0)(x, y)
     assert adv.dtype == torch.float32
-    assert adv.is_contiguous(memory_format=torch.channels_last)
+    assert adv.is_contiguous()                                  # back in the input's layout
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    adv_cl = PGD(model, steps=3, amp=amp, generator=0)(x_cl, y)
+    assert adv_cl.is_contiguous(memory_format=torch.channels_last) and not adv_cl.is_contiguous()
     assert (adv - x).abs().max() <= 8 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     assert not torch.equal(adv, x)
 
@@ -180,9 +179,16 @@ def test_autocast_and_channels_last(amp):
 def test_channels_last_gives_the_same_attack():
     model = tiny_model()
     x, y = batch()
-    a = PGD(model, steps=3, random_start=False)(x, y)
+    a = PGD(model, steps=3, random_start=False, channels_last=False)(x, y)
     b = PGD(model, steps=3, random_start=False, channels_last=True)(x, y)
-    torch.testing.assert_close(a, b.contiguous(), atol=1e-6, rtol=0)
+    c = PGD(model, steps=3, random_start=False)(x, y)            # automatic: channels-last on the CPU
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert torch.equal(b, c)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    PGD(model, steps=1, channels_last=False)(x, y)
+    PGD(model, steps=1)(x, y)
+    assert seen == [True, False]
 
 
 def test_empty_batch():
@@ -269,13 +275,18 @@ def test_cuda_graph_matches_eager_pgd(early_stop):
     model = tiny_model().cuda()
     x, y = batch(16)
     x, y = x.cuda(), y.cuda()
-    kw = dict(steps=5, early_stop=early_stop, restarts=2)
+    kw = dict(steps=5, early_stop=early_stop)
     eager = PGD(model, generator=torch.Generator("cuda").manual_seed(0), **kw)(x, y)
     graphed_attack = PGD(model, generator=torch.Generator("cuda").manual_seed(0), cuda_graph=True, **kw)
     graphed = graphed_attack(x, y)
     torch.testing.assert_close(graphed, eager, atol=1e-6, rtol=0)
-    again = graphed_attack(x, y)                   # replay of the cached graph on fresh random starts
+    again = graphed_attack(x, y)                   # replay of the cached graph from a fresh random start
+    assert len(graphed_attack._graphs) == 1 and not torch.equal(again, graphed)
     assert (again - x).abs().max() <= 8 / 255 + 1e-6
+    restarts = PGD(model, generator=0, cuda_graph=True, restarts=3, **kw)(x, y)
+    assert (restarts - x).abs().max() <= 8 / 255 + 1e-6 and restarts.min() >= 0 and restarts.max() <= 1
+    zero = graphed_attack.with_eps(0.0)(x, y)      # a new budget gets its own graph
+    assert torch.equal(zero, x)
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -65,7 +65,7 @@ class APGD(Attack):
     def __init__(self, model: nn.Module, eps: float = 8 / 255, steps: int = 100, norm: str = "linf", loss="ce",
                  restarts: int = 1, generator=None, *, rho: float = 0.75, momentum: float = 0.75,
                  random_start: bool = True, record_history: bool = False, amp: str | None = None,
-                 channels_last: bool = False, lo: float = 0.0, hi: float = 1.0) -> None:
+                 channels_last: bool | None = None, lo: float = 0.0, hi: float = 1.0) -> None:
         super().__init__(model, eps=eps, norm=norm, generator=generator, amp=amp, channels_last=channels_last,
                          lo=lo, hi=hi)
         owner = type(self).__name__
@@ -84,9 +84,6 @@ class APGD(Attack):
         return {**super().config(), "steps": self.steps, "restarts": self.restarts,
                 "loss": self.loss if isinstance(self.loss, str) else "custom", "rho": self.rho,
                 "momentum": self.momentum}
-
-    def _loss_fn_for(self, targeted: bool):
-        return make_loss(self.loss, targeted=targeted)
 
     # ------------------------------------------------------------------ one run
 
@@ -161,28 +158,34 @@ class APGD(Attack):
 
     # ------------------------------------------------------------------ restarts (and targets, in APGDT)
 
-    def _restarts(self, x, y, target, loss_fn, delta, found, best_loss):
-        """Run ``restarts`` times on the samples not yet adversarial, updating ``delta``/``found``/``best_loss``
-        in place (``delta is None`` on the first call)."""
+    def _attack(self, x: Tensor, y: Tensor, target: Tensor | None, loss_fn):
+        """``restarts`` runs, each after the first only on the samples not yet adversarial. Returns the
+        per-sample ``(delta, found, loss)``."""
+        state = None
         for _ in range(self.restarts):
-            if delta is None:
-                d, ok, loss = self._run(x, y, target, loss_fn)
-                delta, found, best_loss = d, ok, loss
+            if state is None:
+                state = self._run(x, y, target, loss_fn)
                 continue
-            idx = (~found).nonzero().squeeze(1)
+            idx = (~state[1]).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            ts = target[idx] if target is not None else None
-            d, ok, loss = self._run(x[idx], y[idx], ts, loss_fn)
-            take = ok | (loss > best_loss[idx])
-            delta[idx] = torch.where(bcast(take, d), d, delta[idx])
-            best_loss[idx] = torch.where(take, loss, best_loss[idx])
-            found[idx] = ok
-        return delta, found, best_loss
+            _merge(state, idx, self._run(x[idx], y[idx], target[idx] if target is not None else None, loss_fn))
+        return state
 
     def _perturb(self, x: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
-        delta, _, _ = self._restarts(x, y, None, self._loss_fn_for(False), None, None, None)
+        delta, _, _ = self._attack(x, y, None, make_loss(self.loss, targeted=False))
         return self._finish(x, delta)
+
+
+def _merge(state, idx: Tensor, new) -> None:
+    """Fold a run on the not-yet-adversarial samples ``idx`` into ``state`` (in place): a sample takes the
+    new point when it is adversarial or has a higher loss."""
+    delta, found, best_loss = state
+    d, ok, loss = new
+    take = ok | (loss > best_loss[idx])
+    delta[idx] = torch.where(bcast(take, d), d, delta[idx])
+    best_loss[idx] = torch.where(take, loss, best_loss[idx])
+    found[idx] = ok
 
 
 class APGDT(APGD):
@@ -202,28 +205,23 @@ class APGDT(APGD):
         return {**super().config(), "n_target_classes": self.n_target_classes}
 
     def _perturb(self, x: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
-        loss_fn = self._loss_fn_for(True)
+        loss_fn = make_loss(self.loss, targeted=True)
         if target is not None:
-            delta, _, _ = self._restarts(x, y, target, loss_fn, None, None, None)
-            return self._finish(x, delta)
+            return self._finish(x, self._attack(x, y, target, loss_fn)[0])
         logits = self._predict_logits(x)
         if self.loss == "dlr" and logits.shape[1] < 4:
             loss_fn(logits, y, y)  # raises the clear "needs at least 4 classes" error
-        n_targets = min(self.n_target_classes, logits.shape[1] - 1)
         order = logits.argsort(dim=1, descending=True)
-        delta = found = best_loss = None
-        for rank in range(1, n_targets + 1):
-            # The rank-th most likely class (rank 0 is the top class, usually y).
+        state = None
+        # Targets: the 2nd, 3rd, ... most likely classes of the clean input (the 1st is y for the points
+        # AutoAttack passes on).
+        for rank in range(1, min(self.n_target_classes, logits.shape[1] - 1) + 1):
             t = order[:, rank]
-            if delta is not None and bool(found.all()):
+            if state is None:
+                state = self._attack(x, y, t, loss_fn)
+                continue
+            idx = (~state[1]).nonzero().squeeze(1)
+            if idx.numel() == 0:
                 break
-            if delta is None:
-                delta, found, best_loss = self._restarts(x, y, t, loss_fn, None, None, None)
-            else:
-                idx = (~found).nonzero().squeeze(1)
-                d, ok, loss = self._restarts(x[idx], y[idx], t[idx], loss_fn, None, None, None)
-                take = ok | (loss > best_loss[idx])
-                delta[idx] = torch.where(bcast(take, d), d, delta[idx])
-                best_loss[idx] = torch.where(take, loss, best_loss[idx])
-                found[idx] = ok
-        return self._finish(x, delta)
+            _merge(state, idx, self._attack(x[idx], y[idx], t[idx], loss_fn))
+        return self._finish(x, state[0])

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import _checks
 from .apgd import APGD, APGDT
-from .base import Attack, attack_mode, flat_norm
+from .base import Attack, attack_mode, flat_norm, input_layout
 from .fab import FAB
 from .square import Square
 
@@ -58,7 +58,7 @@ class AutoAttack(Attack):
     def __init__(self, model: nn.Module, norm: str = "linf", eps: float = 8 / 255, version: str = "standard", *,
                  attacks=None, generator=None, apgd_steps: int = 100, n_target_classes: int = 9,
                  fab_steps: int = 100, square_queries: int = 5000, square_p_init: float = 0.8,
-                 amp: str | None = None, channels_last: bool = False, lo: float = 0.0, hi: float = 1.0) -> None:
+                 amp: str | None = None, channels_last: bool | None = None, lo: float = 0.0, hi: float = 1.0) -> None:
         super().__init__(model, eps=eps, norm=norm, generator=generator, amp=amp, channels_last=channels_last,
                          lo=lo, hi=hi)
         owner = type(self).__name__
@@ -97,6 +97,7 @@ class AutoAttack(Attack):
         return new
 
     def run(self, x: Tensor, y: Tensor) -> AutoAttackResult:
+        layout = input_layout(x) if isinstance(x, torch.Tensor) else torch.contiguous_format
         x, y, _ = self._check_inputs(x, y, None)
         if x.shape[0] == 0:
             result = AutoAttackResult(x_adv=x.clone(), clean_accuracy=0.0,
@@ -123,6 +124,7 @@ class AutoAttack(Attack):
             result.robust_after[name] = robust.clone()
         result.robust = robust
         result.max_perturbation = float(flat_norm(result.x_adv - x, self.norm).max())
+        result.x_adv = result.x_adv.contiguous(memory_format=layout)
         self.last_result = result
         return result
 

@@ -4,14 +4,18 @@ An attack is an object built with its hyper-parameters and called on a batch, ``
 :class:`Attack` owns, so that no attack does it on its own:
 
 * **input-only gradients** — ``torch.autograd.grad(loss, x_adv)``; while an attack runs the model's parameters
-  have ``requires_grad=False`` (which also spares the backward pass the weight gradients), and their flags
-  are restored exactly afterwards, so no parameter ever receives a ``.grad``;
+  have ``requires_grad=False`` (the autograd graph has no edges to them), and their flags are restored
+  exactly afterwards, so no parameter ever receives a ``.grad``;
 * **the model's mode** — the attack runs in ``eval()`` mode; every sub-module's ``training`` flag is restored
   exactly afterwards (also when the attack raises);
 * **randomness** — a private ``torch.Generator``; the global RNG is never read or re-seeded;
 * **precision and layout** — optional ``amp="bf16" | "fp16"`` autocast around the forward pass (the loss is
-  computed in float32 from float32 logits; fp16 gradients use a fixed loss scale) and optional
-  ``channels_last`` inputs;
+  computed in float32 from float32 logits; fp16 gradients use a fixed loss scale) and the input layout:
+  ``channels_last=True`` runs the attack on a channels-last copy of a 4-D batch (the result comes back in
+  the input's layout); the default ``None`` does so when the model has a ``Conv2d`` and the batch is on the
+  CPU (oneDNN convolutions are faster that way) or ``amp`` is set. Results agree with the other layout up
+  to float rounding in the convolutions. On CPUs with AVX-512 BF16 or AMX, ``amp="bf16"`` is the fast
+  path; converting the model itself (``model.to(memory_format=torch.channels_last)``) helps further;
 * **the updates** — every step and projection goes through :mod:`fastadv.ops`, and no step loop synchronises
   with the host: per-sample decisions (early stop, best point) are ``torch.where`` selections.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+from abc import ABC, abstractmethod
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -81,13 +86,21 @@ def flat_norm(t: Tensor, norm: str) -> Tensor:
     return flat.norm(dim=1)
 
 
-class Attack:
+def input_layout(x: Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a batch stored channels-last, else ``torch.contiguous_format``."""
+    if x.dim() == 4 and x.shape[1] > 1 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class Attack(ABC):
     """Base class of every attack. Subclasses implement :meth:`_perturb` (called in eval mode with frozen
     parameters and gradients enabled) and may use the helpers below.
 
     Common arguments: ``eps`` (budget in pixel units), ``norm`` (``"linf"`` or ``"l2"``), ``generator``
     (``torch.Generator``, an ``int`` seed or ``None``), ``amp`` (``None``, ``"bf16"`` or ``"fp16"``),
-    ``channels_last`` and the pixel box ``lo``/``hi``.
+    ``channels_last`` (``None``: automatic, see the module docstring) and the pixel box ``lo``/``hi``.
     """
 
     targeted: bool = False
@@ -95,7 +108,7 @@ class Attack:
     norms: tuple[str, ...] = NORMS
 
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "linf", generator=None, amp: str | None = None,
-                 channels_last: bool = False, lo: float = 0.0, hi: float = 1.0) -> None:
+                 channels_last: bool | None = None, lo: float = 0.0, hi: float = 1.0) -> None:
         owner = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastadv.attacks.{owner}: `model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -105,26 +118,31 @@ class Attack:
         if amp is not None:
             _checks.choice(owner, "amp", amp, tuple(AMP_DTYPES))
         self.amp = amp
-        self.channels_last = bool(channels_last)
+        self.channels_last = None if channels_last is None else bool(channels_last)
+        self._has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
         self.lo, self.hi = _checks.box(owner, lo, hi)
         self.generator = make_generator(owner, generator)
         self._device_generators: dict[torch.device, torch.Generator] = {}
+        # True while a CUDA graph is being captured (autocast's weight cache cannot be captured).
+        self._capturing = False
 
     # ------------------------------------------------------------------ public interface
 
     def __call__(self, x: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
         """Adversarial examples for ``(x, y)``: a tensor like ``x`` inside the ε-ball around ``x`` and the
         pixel box. ``target`` (targeted attacks only) gives the target class of each sample."""
+        x_in = x
         x, y, target = self._check_inputs(x, y, target)
         if x.shape[0] == 0:
             return x.clone()
         with attack_mode(self.model), torch.enable_grad():
             adv = self._perturb(x, y, target)
-        return adv.detach()
+        return adv.detach().contiguous(memory_format=input_layout(x_in))
 
     def config(self) -> dict:
         """The hyper-parameters, JSON-friendly (for recording which attack a number comes from)."""
-        return {"attack": type(self).__name__, "eps": self.eps, "norm": self.norm, "amp": self.amp}
+        return {"attack": type(self).__name__, "eps": self.eps, "norm": self.norm, "amp": self.amp,
+                "channels_last": self.channels_last}
 
     def with_eps(self, eps: float) -> Attack:
         """A shallow copy of the attack with another budget (sharing the model and the generator)."""
@@ -140,8 +158,9 @@ class Attack:
 
     # ------------------------------------------------------------------ for subclasses
 
+    @abstractmethod
     def _perturb(self, x: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement _perturb")
+        """The adversarial batch for validated inputs (eval mode, frozen parameters, gradients enabled)."""
 
     def _check_inputs(self, x, y, target):
         owner = type(self).__name__
@@ -152,7 +171,7 @@ class Attack:
         if x.is_inference():
             x = x.clone()
         x = x.detach()
-        if self.channels_last and x.dim() == 4:
+        if self._channels_last_for(x):
             x = x.contiguous(memory_format=torch.channels_last)
         y = y.detach().to(device=x.device, dtype=torch.long)
         if target is not None:
@@ -162,6 +181,13 @@ class Attack:
                 _checks.fail(owner, f"`target` must be a tensor of shape ({x.shape[0]},)")
             target = target.detach().to(device=x.device, dtype=torch.long)
         return x, y, target
+
+    def _channels_last_for(self, x: Tensor) -> bool:
+        if x.dim() != 4:
+            return False
+        if self.channels_last is not None:
+            return self.channels_last
+        return self._has_conv and (x.device.type == "cpu" or self.amp is not None)
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
         """The private generator for ``device``: the given generator when it lives there, else one seeded once
@@ -173,7 +199,7 @@ class Attack:
             return self.generator
         g = self._device_generators.get(device)
         if g is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device).item())
             g = torch.Generator(device=device).manual_seed(seed)
             self._device_generators[device] = g
         return g
@@ -182,7 +208,7 @@ class Attack:
         if self.amp is None:
             return nullcontext()
         return torch.autocast(device_type=x.device.type, dtype=AMP_DTYPES[self.amp],
-                              cache_enabled=not getattr(self, "_capturing", False))
+                              cache_enabled=not self._capturing)
 
     def _logits(self, x_adv: Tensor) -> Tensor:
         """Float32 logits of the model (under autocast when ``amp`` is set)."""
@@ -208,10 +234,9 @@ class Attack:
             grad = grad / scale
         return loss.detach(), logits.detach(), grad
 
-    def _project(self, delta: Tensor, x: Tensor, eps=None, zeros: Tensor | None = None) -> Tensor:
+    def _project(self, delta: Tensor, x: Tensor) -> Tensor:
         """Projection onto the ε-ball and the pixel box: a ``pgd_step`` with a zero step."""
-        zeros = torch.zeros_like(delta) if zeros is None else zeros
-        return ops.pgd_step(delta, zeros, x, eps=self.eps if eps is None else eps, alpha=0.0, norm=self.norm,
+        return ops.pgd_step(delta, torch.zeros_like(delta), x, eps=self.eps, alpha=0.0, norm=self.norm,
                             lo=self.lo, hi=self.hi)
 
     def _random_start(self, x: Tensor, eps=None) -> Tensor:

@@ -9,7 +9,7 @@ distance; :func:`project_to_hyperplane`). With ``d¹``, ``d⁰`` those projectio
 
 (overshoot ``η = 1.05``, ``α_max = 0.1``). When ``x¹`` is misclassified it is recorded if it is the closest
 so far and pulled back towards ``x⁰``: ``x¹ ← x⁰ + β(x¹ − x⁰)``, ``β = 0.9``. The first run starts at ``x⁰``,
-later restarts at a random point at half the distance of the best point found (capped at ``ε``).
+later restarts at a uniformly random point within half the distance of the best point found (capped at ``ε``).
 
 As in AutoAttack, the attack succeeds on a sample when its closest adversarial point lies within ``eps``;
 those samples return it, the others return ``x``. ``eps=None`` returns every sample's closest adversarial
@@ -83,7 +83,7 @@ class FAB(Attack):
 
     def __init__(self, model: nn.Module, eps: float | None = 8 / 255, norm: str = "linf", steps: int = 100,
                  n_target_classes: int = 9, restarts: int = 1, generator=None, *, alpha_max: float = 0.1,
-                 eta: float = 1.05, beta: float = 0.9, amp: str | None = None, channels_last: bool = False,
+                 eta: float = 1.05, beta: float = 0.9, amp: str | None = None, channels_last: bool | None = None,
                  lo: float = 0.0, hi: float = 1.0) -> None:
         self.unbounded = eps is None
         super().__init__(model, eps=0.0 if eps is None else eps, norm=norm, generator=generator, amp=amp,
@@ -121,7 +121,7 @@ class FAB(Attack):
         """One FAB run towards ``t``. Returns the closest adversarial offset found and its norm (``inf`` if
         none). No host synchronisation."""
         n = x0.shape[0]
-        flat0 = x0.reshape(n, -1)
+        flat0 = x0.reshape(n, -1).to(torch.float32)
         x1 = x0.clone() if start is None else x0 + start
         best_norm = torch.full((n,), float("inf"), dtype=torch.float32, device=x0.device)
         best = torch.zeros_like(x0)
@@ -132,8 +132,8 @@ class FAB(Attack):
             f = f.to(torch.float32)
             # One projection call for both base points: x1 (c = −f) and x0 (c = −f − ⟨w, x0 − x1⟩).
             c1 = -f
-            c0 = -f - (w * (flat0.to(torch.float32) - flat1)).sum(dim=1)
-            d = project_to_hyperplane(torch.cat([flat1, flat0.to(torch.float32)]), torch.cat([w, w]),
+            c0 = -f - (w * (flat0 - flat1)).sum(dim=1)
+            d = project_to_hyperplane(torch.cat([flat1, flat0]), torch.cat([w, w]),
                                       torch.cat([c1, c0]), self.norm, self.lo, self.hi)
             d1, d0 = d[:n], d[n:]
             n1, n0 = flat_norm(d1, self.norm), flat_norm(d0, self.norm)
@@ -154,7 +154,8 @@ class FAB(Attack):
             # Half the distance of the best point so far, capped at eps (at the box size when unbounded).
             cap = (self.hi - self.lo) if self.unbounded else self.eps
             radius = 0.5 * best_norm.clamp(max=cap)
-            start = self._random_start(x, eps=radius.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
+            radius = radius.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+            start = self._random_start(x, eps=radius)
             d, dn = self._run(x, y, t, start)
             closer = dn < best_norm
             best = torch.where(bcast(closer, best), d, best)

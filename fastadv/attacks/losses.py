@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -28,7 +27,7 @@ LossFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 def _true_and_best_other(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     z_y = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    others = logits.scatter(1, y[:, None], float("-inf"))
     return z_y, others.amax(dim=1)
 
 

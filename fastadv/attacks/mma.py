@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _checks
-from .base import Attack, bcast
+from .base import Attack
 from .pgd import PGD
 
 
@@ -21,7 +21,8 @@ class MMA(Attack):
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 20, k: int = 3,
                  kappa: float = 50.0, norm: str = "linf", random_start: bool = True, generator=None,
-                 amp: str | None = None, *, channels_last: bool = False, lo: float = 0.0, hi: float = 1.0) -> None:
+                 amp: str | None = None, *, channels_last: bool | None = None, lo: float = 0.0,
+                 hi: float = 1.0) -> None:
         super().__init__(model, eps=eps, norm=norm, generator=generator, amp=amp, channels_last=channels_last,
                          lo=lo, hi=hi)
         self.k = _checks.integer(type(self).__name__, "k", k)
@@ -52,6 +53,4 @@ class MMA(Attack):
         adv = self.pgd(xs, ys, target=ts)
         margins = self._true_margin(self._predict_logits(adv), ys).view(k, n)
         pick = margins.argmin(dim=0)                    # (B,)
-        adv = adv.view((k, n) + x.shape[1:])
-        chosen = adv.gather(0, bcast(pick, adv[0]).unsqueeze(0).expand((1,) + adv.shape[1:])).squeeze(0)
-        return chosen
+        return adv.reshape((k, n) + x.shape[1:])[pick, torch.arange(n, device=x.device)]

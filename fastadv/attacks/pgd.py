@@ -35,7 +35,7 @@ class PGD(Attack):
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
                  norm: str = "linf", loss="ce", random_start: bool = True, restarts: int = 1,
                  targeted: bool = False, generator=None, amp: str | None = None, *, kappa: float = 50.0,
-                 target_rule="random", early_stop: bool = False, channels_last: bool = False,
+                 target_rule="random", early_stop: bool = False, channels_last: bool | None = None,
                  cuda_graph: bool = False, lo: float = 0.0, hi: float = 1.0) -> None:
         super().__init__(model, eps=eps, norm=norm, generator=generator, amp=amp, channels_last=channels_last,
                          lo=lo, hi=hi)
@@ -61,6 +61,11 @@ class PGD(Attack):
                 "loss": self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", "custom"),
                 "random_start": self.random_start, "restarts": self.restarts, "targeted": self.targeted,
                 "early_stop": self.early_stop}
+
+    def with_eps(self, eps: float) -> PGD:
+        new = super().with_eps(eps)
+        new._graphs = {}                        # a captured graph has the budget baked in
+        return new
 
     # ------------------------------------------------------------------ targets and success
 
@@ -171,7 +176,7 @@ class _CapturedPGD:
         self.x = x.clone()
         self.y = y.clone()
         self.target = target.clone() if target is not None else None
-        self.delta = attack._start(x).clone()
+        self.delta = torch.zeros_like(x)       # each replay copies its own start in (no random draw here)
         self.graph = torch.cuda.CUDAGraph()
         attack._capturing = True
         try:

@@ -186,7 +186,7 @@ def robust_accuracy(model: nn.Module, data, attacks, *, batch_size: int = 256, d
                          f"{model_device}; move the model first")
     batches, n_total, n_batches = _batches(data, batch_size)
 
-    robust: dict[str, list[Tensor]] = {"clean": [], **{name: [] for name in named}}
+    robust: dict[str, list[Tensor]] = {"clean": [], **{name: [] for name in named}, "worst_case": []}
     sub_robust: dict[str, dict[str, list[Tensor]]] = {
         name: {sub: [] for sub in a.attacks} for name, a in named.items() if isinstance(a, AutoAttack)}
     flags: list[str] = []
@@ -218,6 +218,7 @@ def robust_accuracy(model: nn.Module, data, attacks, *, batch_size: int = 256, d
                     # Sub-attack accuracies of this batch, cumulative in AutoAttack's order.
                     for sub in sub_robust[name]:
                         sub_robust[name][sub].append(res.robust_after[sub].cpu() & clean_ok.cpu())
+            robust["worst_case"].append(worst.cpu())
             seen += x.shape[0]
             worst_correct += int(worst.sum())
             bar.update(x.shape[0] if n_total is not None else 1)
@@ -226,13 +227,12 @@ def robust_accuracy(model: nn.Module, data, attacks, *, batch_size: int = 256, d
         bar.close()
 
     masks = {name: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for name, v in robust.items()}
-    worst_mask = masks["clean"].clone()
-    for name in named:
-        worst_mask &= masks[name]
-    masks["worst_case"] = worst_mask
-    est = lambda m: Estimate(int(m.sum()), int(m.numel()), confidence)  # noqa: E731
+
+    def est(mask: Tensor) -> Estimate:
+        return Estimate(int(mask.sum()), int(mask.numel()), confidence)
+
     breakdown = {name: {sub: est(torch.cat(v)) for sub, v in subs.items()} for name, subs in sub_robust.items()}
     configs = {name: a.config() for name, a in named.items() if hasattr(a, "config")}
     return RobustAccuracyResult(n=seen, clean=est(masks["clean"]), per_attack={k: est(masks[k]) for k in named},
-                                worst_case=est(worst_mask), breakdown=breakdown, robust=masks, flags=flags,
+                                worst_case=est(masks["worst_case"]), breakdown=breakdown, robust=masks, flags=flags,
                                 configs=configs)

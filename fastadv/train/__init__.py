@@ -10,7 +10,7 @@ channels_last, periodic natural + PGD-20 evaluation, atomic best/last checkpoint
 resume, CSV/JSON logs, a progress bar, and DDP under ``torchrun``.
 """
 
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_trained_model
 from .config import METHOD_PRESETS, TrainConfig
 from .data import Batch, EvalData, TrainData
 from .distributed import DistInfo, init_distributed
@@ -41,6 +41,7 @@ __all__ = [
     "get_method",
     "init_distributed",
     "load_checkpoint",
+    "load_trained_model",
     "lr_factor",
     "register_method",
     "train",

@@ -165,4 +165,28 @@ def restore_global_rng(state: dict) -> None:
 
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "atomic_save", "atomic_write_text", "capture_global_rng",
+           "load_trained_model",
            "load_checkpoint", "restore_global_rng"]
+
+
+def load_trained_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The trained network of a fastadv training checkpoint, rebuilt from the checkpoint alone (architecture,
+    number of classes and input normalisation as recorded), in eval mode on ``device``."""
+    state = load_checkpoint(path)
+    config = state["config"]
+    num_classes = state.get("num_classes") or config.get("num_classes")
+    if num_classes is None:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not record its number of classes; it was written by an "
+                              "older fastadv: build the model yourself and load state['model']")
+    from ..models import create_model, with_normalization
+
+    model = create_model(config["model"], num_classes=int(num_classes), **(config.get("model_kwargs") or {}))
+    if state.get("normalization"):
+        mean, std = state["normalization"]
+        model = with_normalization(model, mean, std)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: the weights do not fit model {config['model']!r} "
+                              f"({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval()

@@ -408,6 +408,8 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "config": self.config.to_dict(),
+            "num_classes": self.num_classes,
+            "normalization": [list(map(float, v)) for v in self._normalization_stats()] if self.config.normalize else None,
             "world_size": self.world_size,
             "steps_per_epoch": self.steps_per_epoch,
             "epoch": self.epoch,
