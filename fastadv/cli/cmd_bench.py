@@ -33,4 +33,5 @@ def run(args) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = args.out or f"benchmarks/results/{args.suite}_{device}.json"
-    return int(module.main(["--out", out, *args.suite_args]) or 0)
+    status = module.main(["--out", out, *args.suite_args])
+    return status if isinstance(status, int) else 0
