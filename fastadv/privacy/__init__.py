@@ -14,7 +14,7 @@ Typical use::
 
 Modules: :mod:`.signals` (per-example signals, model runner), :mod:`.metrics` (exact one-sort ROC
 engine), :mod:`.attacks` (oracle and Song & Mittal transferred thresholds), :mod:`.lira`, :mod:`.rmia`,
-:mod:`.report`.
+:mod:`.report`, :mod:`.shadow` (reference models trained with any fastadv.train recipe, resumable).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .lira import lira_scores, make_in_mask
 from .metrics import roc_curve, roc_metrics
 from .report import REGIMES, evaluate
 from .rmia import rmia_scores
+from .shadow import ReferenceModels, reference_statistics, train_reference_models
 from .signals import SIGNALS, attack_config, compute_signals, model_signals, signal_scores
 
 __all__ = [
@@ -52,4 +53,7 @@ __all__ = [
     "lira_scores",
     "rmia_scores",
     "evaluate",
+    "ReferenceModels",
+    "train_reference_models",
+    "reference_statistics",
 ]
