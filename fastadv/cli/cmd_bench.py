@@ -1,7 +1,8 @@
 """``fastadv bench SUITE``: run a benchmark suite of the source tree and write its JSON results.
 
 Suites: ops (kernels vs eager PyTorch and torch.compile), attacks (whole attacks vs torchattacks),
-privacy (ROC engine and RMIA vs the reference approaches), prompting (LM-VP training steps). Arguments after
+privacy (ROC engine and RMIA vs the reference approaches), prompting (LM-VP training steps), train
+(batched PART masks and PGD-AT epochs vs the reference loops). Arguments after
 the suite name go to the suite (e.g. ``fastadv bench ops --no-compile --sizes cifar``). The suites live in
 ``benchmarks/`` of a fastadv checkout; run this from its root.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-SUITES = ("ops", "attacks", "privacy", "prompting")
+SUITES = ("ops", "attacks", "privacy", "prompting", "train")
 
 
 def add_parser(sub):
