@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import pytest
 import torch
+
+from benchmarks._common import cpu_name, write_report
 import torch.nn.functional as F
 
 from fastadv.attacks import APGD, PGD, AutoAttack
@@ -189,14 +189,6 @@ def add_ratios(result: dict) -> None:
             row["accuracy_gap_vs_torchattacks_points"] = 100 * (row["robust_accuracy"] - ta["robust_accuracy"])
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _summary(rows: dict) -> str:
@@ -240,7 +232,7 @@ def main(argv=None) -> int:
 
     report = {
         "benchmark": "whole attacks, CPU",
-        "device": _cpu_name(),
+        "device": cpu_name(),
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -307,12 +299,7 @@ def main(argv=None) -> int:
             "cpu_fp32_speedup_at_least_1.1": speed["fastadv"] >= 1.1,
         }
     report["wall_s"] = time.perf_counter() - t_start
-    text = json.dumps(report, indent=2) + "\n"
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    else:
-        print(text)
+    write_report(report, args.out)
     return 0
 
 

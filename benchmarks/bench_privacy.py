@@ -37,6 +37,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from benchmarks._common import cpu_name
+
 from fastadv.privacy import rmia_scores, roc_metrics
 
 LEVELS = (0.01, 0.001)
@@ -280,15 +282,6 @@ def bench_rmia(n: int, z: int, m: int, repeats: int) -> dict:
 # ----------------------------------------------------------------------------------------------- main
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -313,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "fastadv.privacy",
         "device": "cpu",
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "torch_version": torch.__version__,

@@ -39,6 +39,8 @@ import statistics
 import time
 
 import torch
+
+from benchmarks._common import cpu_name
 import torch.nn.functional as F
 from torch import nn
 
@@ -227,15 +229,6 @@ def time_canvas_only(batch_size: int, repeats: int) -> dict:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "fastadv.prompting",
         "device": "cpu",
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,

@@ -528,7 +528,7 @@ std::tuple<at::Tensor, at::Tensor> prompt_pad_backward_op(
   return {gx, gp};
 }
 
-TORCH_LIBRARY_IMPL(fastadv, CPU, m) {
+void register_kernels(torch::Library& m) {
   m.impl("pgd_step", &pgd_step_op);
   m.impl("pgd_step_", &pgd_step_inplace_op);
   m.impl("masked_pgd_step_", &masked_pgd_step_inplace_op);
@@ -536,5 +536,7 @@ TORCH_LIBRARY_IMPL(fastadv, CPU, m) {
   m.impl("prompt_pad", &prompt_pad_op);
   m.impl("prompt_pad_backward", &prompt_pad_backward_op);
 }
+
+TORCH_LIBRARY_IMPL(fastadv, CPU, m) { register_kernels(m); }
 
 }  // namespace fastadv

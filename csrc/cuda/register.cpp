@@ -22,13 +22,6 @@ struct InstallCudaBackend {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastadv, CUDA, m) {
-  m.impl("pgd_step", &pgd_step_op);
-  m.impl("pgd_step_", &pgd_step_inplace_op);
-  m.impl("masked_pgd_step_", &masked_pgd_step_inplace_op);
-  m.impl("random_init", &random_init_op);
-  m.impl("prompt_pad", &prompt_pad_op);
-  m.impl("prompt_pad_backward", &prompt_pad_backward_op);
-}
+TORCH_LIBRARY_IMPL(fastadv, CUDA, m) { register_kernels(m); }
 
 }  // namespace fastadv

@@ -43,10 +43,9 @@ def _plain(value: Any) -> Any:
 
 
 def write_json(path: Path, data: Any) -> Path:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_plain(data), indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
-    return path
+    from fastadv.train.checkpoint import atomic_write_text
+
+    return atomic_write_text(json.dumps(_plain(data), indent=2, allow_nan=False) + "\n", path)
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:

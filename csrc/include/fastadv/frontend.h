@@ -11,6 +11,10 @@
 
 #include "fastadv/kernel_args.h"
 
+namespace torch {
+class Library;
+}
+
 namespace fastadv {
 
 struct Backend {
@@ -22,6 +26,9 @@ struct Backend {
 };
 
 void set_cuda_backend(const Backend* backend);
+
+// Registers every op's front end with `m` (a TORCH_LIBRARY_IMPL block for one dispatch key).
+void register_kernels(torch::Library& m);
 
 at::Tensor pgd_step_op(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& x, double eps,
                        double alpha, const std::optional<at::Tensor>& eps_tensor,
