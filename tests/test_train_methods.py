@@ -409,7 +409,8 @@ def test_part_misaligned_reproduction_mode_uses_other_images_masks(digits16):
 
 
 def test_registry_has_every_method_and_unknown_names_fail():
-    assert set(METHODS) == {"standard", "pgd_at", "trades", "mart", "part", "part_trades", "part_mart", "fast_at",
+    # other packages (fastadv.prompting) may register more methods
+    assert set(METHODS) >= {"standard", "pgd_at", "trades", "mart", "part", "part_trades", "part_mart", "fast_at",
                             "free_at", "rrm"}
     assert issubclass(METHODS["part_mart"], PART)
     with pytest.raises(ValueError, match="unknown training method 'madry'.*pgd_at"):

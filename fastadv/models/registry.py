@@ -120,7 +120,7 @@ def _fit_keys(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]
     return state
 
 
-def _checkpoint_file(checkpoint_path: str | os.PathLike) -> Path:
+def checkpoint_file(checkpoint_path: str | os.PathLike) -> Path:
     path = Path(checkpoint_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint_path {str(path)!r} does not exist or is not a file")
@@ -145,22 +145,22 @@ def _create_timm(
             )
         # timm loads the file as its pretrained weights, adapting the classifier to num_classes and the
         # stem to in_chans exactly as for downloaded weights.
-        path = _checkpoint_file(checkpoint_path)
+        path = checkpoint_file(checkpoint_path)
         model = timm.create_model(
             name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=num_classes, **kwargs
         )
     else:
         # A checkpoint given without pretrained=True is a full checkpoint of this very model (strict),
         # saved from the timm model itself or from its TimmModel wrapper.
-        path = _checkpoint_file(checkpoint_path) if checkpoint_path is not None else None
+        path = checkpoint_file(checkpoint_path) if checkpoint_path is not None else None
         wrapped = TimmModel(timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs))
         if path is not None:
-            _load_strict(wrapped, path)
+            load_weights_strict(wrapped, path)
         return wrapped
     return TimmModel(model)
 
 
-def _load_strict(model: nn.Module, path: Path) -> None:
+def load_weights_strict(model: nn.Module, path: Path) -> None:
     state = _fit_keys(_read_state_dict(path), set(model.state_dict()))
     try:
         model.load_state_dict(state, strict=True)
@@ -194,7 +194,7 @@ def create_model(
             )
         model = _REGISTRY[name](num_classes=num_classes, **kwargs)
         if checkpoint_path is not None:
-            _load_strict(model, _checkpoint_file(checkpoint_path))
+            load_weights_strict(model, checkpoint_file(checkpoint_path))
         return model
 
     model = _create_timm(name, num_classes, pretrained, checkpoint_path, kwargs)

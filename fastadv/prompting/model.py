@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..models.registry import _checkpoint_file as _checkpoint
-from ..models.registry import _load_strict
+from ..models.registry import checkpoint_file
+from ..models.registry import load_weights_strict
 from .mapping import LabelMapping, make_mapping
 from .prompt import VisualPrompt
 
@@ -86,7 +86,7 @@ def _load_timm(name: str, num_classes: int, pretrained: bool, checkpoint_path, k
     from ..models import TimmModel
 
     if pretrained:
-        path = _checkpoint(checkpoint_path) if checkpoint_path is not None else _timm_cached_weights(name)
+        path = checkpoint_file(checkpoint_path) if checkpoint_path is not None else _timm_cached_weights(name)
         if path is None:
             _fail("load_source", f"pretrained=True for timm model {name!r}, but no weights file was given "
                                  "(checkpoint_path=...) and none is in the local Hugging Face / torch hub cache; "
@@ -97,7 +97,7 @@ def _load_timm(name: str, num_classes: int, pretrained: bool, checkpoint_path, k
         return TimmModel(model)
     model = TimmModel(timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs))
     if checkpoint_path is not None:
-        _load_strict(model, _checkpoint(checkpoint_path))
+        load_weights_strict(model, checkpoint_file(checkpoint_path))
     return model
 
 
@@ -105,7 +105,7 @@ def _load_torchvision(name: str, num_classes: int, pretrained: bool, checkpoint_
     import torchvision
 
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
-    path = _checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    path = checkpoint_file(checkpoint_path) if checkpoint_path is not None else None
     if pretrained and path is None:
         path = _torchvision_cached_weights(name)
         if path is None:
@@ -113,7 +113,7 @@ def _load_torchvision(name: str, num_classes: int, pretrained: bool, checkpoint_
                                  "(checkpoint_path=...) and none is in torch's hub cache "
                                  f"({torch.hub.get_dir()}/checkpoints); fastadv never downloads weights")
     if path is not None:
-        _load_strict(model, path)
+        load_weights_strict(model, path)
     return model
 
 
