@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .utils import resolve_device
+
 
 @dataclass
 class DemoConfig:
@@ -55,12 +57,6 @@ class DemoConfig:
         base = dict(epochs=4, part_warmup_epochs=2, eval_limit=200, pgd_steps=10, cw_steps=10, apgd_steps=20,
                     lmvp_epochs=3, train_steps=5)
         return cls(**{**base, **overrides})
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _floats(x: torch.Tensor) -> torch.Tensor:
@@ -238,7 +234,7 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> dict:
     started = time.perf_counter()
     out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device, what="demo device")
     torch.manual_seed(cfg.seed)
     train_set = get_dataset(cfg.dataset, cfg.data_dir, "train")
     test_set = get_dataset(cfg.dataset, cfg.data_dir, "test")

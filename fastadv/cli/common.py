@@ -46,12 +46,9 @@ def _device_of(model) -> torch.device:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return dev
+    from fastadv.utils import resolve_device as _resolve
+
+    return _resolve(name, what="--device")
 
 
 def load_split(dataset: str, data_dir: str | None, split: str, limit: int | None, device: torch.device):

@@ -34,6 +34,7 @@ from torch import nn
 from ..train import Trainer, TrainConfig, register_method
 from ..train.evaluate import autocast_context
 from ..train.methods import METHODS, PGDAT, Method, Standard
+from ..utils import resolve_device as _resolve_device
 from . import _data
 from .config import LMVPConfig
 from .model import LMVPModel, check_threat_model
@@ -43,13 +44,7 @@ TRAIN_METHODS = {"standard": "lmvp_standard", "pgd_at": "lmvp_pgd_at", "transfer
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"LMVPConfig.device: {name!r} requested but CUDA is not available")
-    return device
+    return _resolve_device(name, what="LMVPConfig.device")
 
 
 # ---------------------------------------------------------------------------------------------------------
