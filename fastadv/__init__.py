@@ -13,7 +13,7 @@ from . import ops
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "attacks", "train", "prompting", "privacy", "evaluate", "data", "models", "cam", "cli", "utils", "info",
+    "attacks", "train", "prompting", "privacy", "evaluate", "data", "models", "cam", "cli", "utils", "info", "demo",
 }
 
 
