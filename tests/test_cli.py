@@ -71,8 +71,9 @@ def test_eval_attack_and_mia(trained, tmp_path):
 
 def test_train_resumes_after_kill(tmp_path):
     """A run killed mid-training resumes from its last checkpoint and ends like an uninterrupted run."""
+    # 48 steps, killed after the 5th: long enough that the kill lands mid-run even on a fast machine
     args = [*TINY_TRAIN, "--set", "method=standard", "--set", "epochs=3", "--set", "checkpoint_every_steps=1",
-            "--set", "eval_steps=0", "--no-progress"]
+            "--set", "train_subset=512", "--set", "batch_size=32", "--set", "eval_steps=0", "--no-progress"]
     ref = tmp_path / "ref"
     fastadv("train", "--out", str(ref), *args)
 
