@@ -36,7 +36,7 @@ def run(args) -> int:
 
     if args.resume and args.out is None:
         raise cfg.ConfigError("--resume needs --out: the folder of the interrupted run")
-    run_dir = make_run_dir(args.out, "train")
+    run_dir = make_run_dir(args.out, "train", create=False)
     if args.resume and args.config is None and not args.overrides and (run_dir / "config.json").is_file():
         values = cfg.load_file(run_dir / "config.json")  # the interrupted run's own settings
         for key in ("out_dir", "resume", "progress"):
@@ -60,6 +60,7 @@ def run(args) -> int:
         values["data_dir"] = str(data_dir)
     values = {k: tuple(v) if isinstance(v, list) and k in _TUPLE_KEYS else v for k, v in values.items()}
     config = cfg.build(TrainConfig, values, what="train config")
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", config.to_dict())
     result = train(config)
     summary = {"final": result.final, "best": result.best, "stop_reason": result.stop_reason,

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 
-def make_run_dir(out: str | Path | None, command: str) -> Path:
-    """``out`` if given, else ``./fastadv-runs/<command>-<timestamp>`` (never an existing folder's files)."""
+def make_run_dir(out: str | Path | None, command: str, *, create: bool = True) -> Path:
+    """``out`` if given, else ``./fastadv-runs/<command>-<timestamp>`` (never an existing folder's files).
+    ``create=False`` only chooses the path, so that a run whose config fails validation leaves nothing."""
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         base = Path("fastadv-runs") / f"{command}-{stamp}"
@@ -21,7 +22,8 @@ def make_run_dir(out: str | Path | None, command: str) -> Path:
             path = base.with_name(f"{base.name}-{k}")
     else:
         path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
