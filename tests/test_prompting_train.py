@@ -187,14 +187,14 @@ def test_transferred_at_never_queries_the_target_for_gradients(optimizer, passes
         threat._forward_hooks.clear()
         threat._backward_pre_hooks.clear()
     target, crafted = counts["transfer_at"]
-    # the target runs only the training passes (forward + backward for the prompt's gradient; +1 forward: the
-    # trainer's end-of-training evaluation) ...
-    assert target == {"forward": batches * passes + 1, "backward": batches * passes}
+    # the target runs only the training passes (forward + backward for the prompt's gradient; no evaluation
+    # data was given, so the trainer evaluates nothing) ...
+    assert target == {"forward": batches * passes, "backward": batches * passes}
     # ... while every attack step ran on the threat model (+1 forward: the class-count check)
     assert crafted == {"forward": batches * steps + 1, "backward": batches * steps}
     # the same counters see white-box AT query the target at every step
     target, crafted = counts["pgd_at"]
-    assert target == {"forward": batches * (steps + passes) + 1, "backward": batches * (steps + passes)}
+    assert target == {"forward": batches * (steps + passes), "backward": batches * (steps + passes)}
     assert crafted == {"forward": 0, "backward": 0}
 
 

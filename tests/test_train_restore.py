@@ -24,3 +24,20 @@ def test_load_trained_model_rebuilds_the_network(tmp_path):
     bare.eval()
     torch.testing.assert_close(model(x), bare((x - mean) / std))
     assert not model.training
+
+
+def test_eval_subset_zero_trains_without_evaluation_data(tmp_path):
+    import pytest
+
+    torch.set_num_threads(1)
+    train_set = get_dataset("digits", split="train")
+    cfg = TrainConfig(method="standard", model="small_cnn", model_kwargs={"width": 4}, dataset="digits",
+                      train_subset=64, epochs=2, batch_size=32, eval_subset=0, out_dir=str(tmp_path), progress=False)
+    result = train(cfg, train_set=train_set, eval_set=None)
+    assert len(result.history) == 2
+    assert all("nat_acc" not in r and "pgd_acc" not in r for r in result.history)
+    assert (tmp_path / "last.pt").is_file() and result.best is None
+    with pytest.raises(ValueError, match="eval_subset"):
+        TrainConfig(method="fast_at", eval_subset=0)
+    with pytest.raises(ValueError, match="eval_subset"):
+        TrainConfig(eval_subset=-1)

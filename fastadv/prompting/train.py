@@ -59,14 +59,11 @@ class _LMVPMethod(Method):
     fit_data: Any = None
     threat_model: nn.Module | None = None
     mapping_batch_size: int = 256
-    has_eval_data: bool = True
 
-    def attach(self, *, fit_data=None, threat_model: nn.Module | None = None, mapping_batch_size: int = 256,
-               has_eval_data: bool = True) -> None:
+    def attach(self, *, fit_data=None, threat_model: nn.Module | None = None, mapping_batch_size: int = 256) -> None:
         self.fit_data = fit_data
         self.threat_model = threat_model
         self.mapping_batch_size = mapping_batch_size
-        self.has_eval_data = has_eval_data
 
     def setup(self, trainer: Trainer) -> None:
         self._check_model(trainer)
@@ -94,8 +91,6 @@ class _LMVPMethod(Method):
         record["mapping_refit"] = bool(self._refit)
         # Robust accuracy is evaluate_lmvp's job; the trainer's periodic check here is natural accuracy only.
         record.pop("pgd_acc", None)
-        if not self.has_eval_data:
-            record.pop("nat_acc", None)
         super().on_epoch_end(trainer, epoch, record)
 
 
@@ -233,14 +228,13 @@ def train_lmvp(model: LMVPModel, train_data, config: LMVPConfig, *, threat_model
         model.channels_last = True  # canvases in channels-last too (the trainer converts the parameters)
     has_eval = eval_data is not None
     train_config = to_train_config(config, n_target=model.n_target,
-                                   eval_subset=config.eval_subset if has_eval else 1,
+                                   eval_subset=config.eval_subset if has_eval else 0,
                                    eval_every=1 if has_eval else 0, model_kwargs=model_description(model))
-    trainer = Trainer(train_config, model=model, train_set=train_data,
-                      eval_set=eval_data if has_eval else _data.subset(train_data, 1, "train_data"),
+    trainer = Trainer(train_config, model=model, train_set=train_data, eval_set=eval_data,
                       callbacks=[_EpochEnd(on_epoch_end)] if on_epoch_end is not None else [])
     try:
         trainer.method.attach(fit_data=train_data, threat_model=threat_model,
-                              mapping_batch_size=config.mapping_batch_size, has_eval_data=has_eval)
+                              mapping_batch_size=config.mapping_batch_size)
         result = trainer.fit()
     finally:
         trainer.close()

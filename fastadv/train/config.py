@@ -65,7 +65,7 @@ class TrainConfig:
     num_classes: int | None = None  # None: from the data (ImageSet classes, or the largest label + 1)
     train_subset: int | None = None  # use only the first n training examples
     eval_split: str = "test"  # split the held-out evaluation subset comes from
-    eval_subset: int | None = 1000  # periodic evaluation on the first n examples of eval_split (None: all)
+    eval_subset: int | None = 1000  # periodic evaluation on the first n examples of eval_split (None: all, 0: none)
     augment: bool = True  # random crop (zero padding) + horizontal flip, on device
     crop_padding: int = 4
     batch_size: int = 128  # per process; the global batch is batch_size × world_size
@@ -235,8 +235,11 @@ class TrainConfig:
                 _fail(name, f"must be an integer >= 0, got {value!r}")
         for name in ("train_subset", "eval_subset", "num_classes"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
-                _fail(name, f"must be None or an integer >= 1, got {value!r}")
+            least = 0 if name == "eval_subset" else 1  # eval_subset=0: no periodic evaluation, no eval data
+            if value is not None and (not _is_int(value) or value < least):
+                _fail(name, f"must be None or an integer >= {least}, got {value!r}")
+        if self.eval_subset == 0 and self.method == "fast_at":
+            _fail("eval_subset", "Fast AT's catastrophic-overfitting check needs held-out data; give eval_subset >= 1")
 
         positive_reals = ("lr", "eps", "alpha", "eval_alpha", "co_drop")
         for name in positive_reals:

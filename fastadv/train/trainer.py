@@ -205,12 +205,13 @@ class Trainer:
             torch.backends.cudnn.deterministic = True
 
         # ---- data
-        if train_set is None or eval_set is None:
+        evaluates = c.eval_subset != 0
+        if train_set is None or (eval_set is None and evaluates):
             from ..data import get_dataset
 
             if train_set is None:
                 train_set = get_dataset(c.dataset, c.data_dir, "train", **c.dataset_kwargs)
-            if eval_set is None:
+            if eval_set is None and evaluates:
                 eval_set = get_dataset(c.dataset, c.data_dir, c.eval_split, **c.dataset_kwargs)
         train_set = _subset(train_set, c.train_subset)
         self.num_classes = c.num_classes if c.num_classes is not None else _infer_num_classes(train_set)
@@ -222,7 +223,7 @@ class Trainer:
                                     world_size=self.world_size, seed=c.seed, drop_last=c.drop_last,
                                     num_workers=c.num_workers)
         self.eval_data = EvalData(eval_set, batch_size=c.eval_batch_size, device=self.device, rank=self.rank,
-                                  world_size=self.world_size, limit=c.eval_subset)
+                                  world_size=self.world_size, limit=c.eval_subset) if evaluates else None
         self.steps_per_epoch = len(self.train_data)
         if self.steps_per_epoch == 0:
             raise ValueError(f"TrainConfig.batch_size: {c.batch_size} is larger than this rank's "
@@ -379,6 +380,8 @@ class Trainer:
 
     def evaluate(self, steps: int | None = None) -> dict[str, float]:
         """Natural and PGD-``eval_steps`` accuracy on the held-out subset (sharded, summed over ranks)."""
+        if self.eval_data is None:
+            raise ValueError("Trainer.evaluate: this run has no evaluation data (TrainConfig.eval_subset=0)")
         c = self.config
         generator = torch.Generator(device=self.device).manual_seed(c.seed + 7919 * (self.epoch + 1))
         result = evaluate_robustness(self.model, self.eval_data, eps=c.eps, alpha=c.eval_alpha,
@@ -502,6 +505,8 @@ class Trainer:
         return batch
 
     def _eval_due(self, epoch: int) -> bool:
+        if self.eval_data is None:
+            return False
         every = self.config.eval_every
         return (every > 0 and (epoch + 1) % every == 0) or epoch + 1 == self.num_epochs
 
