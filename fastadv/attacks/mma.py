@@ -4,6 +4,10 @@ For each of the ``k`` (default 3) most likely wrong classes of the clean input i
 margin loss (CW, ``kappa = 50``, 20 steps), and keeps, per sample, the candidate whose *true-class margin*
 ``z_y − max_{j≠y} z_j`` is smallest. The ``k`` targeted runs are one PGD call on the batch repeated ``k``
 times (one step loop, ``k``-fold batch).
+
+The targeted loss is the CW form ``−clamp(max_{j≠t} z_j − z_t, min=−κ)`` (push the target above every other
+class). Gao et al.'s code uses ``z_y − z_t`` (the target against the true class only); the two agree while the
+true class is the top logit, i.e. on every point that is still robust, which is all MMA's result depends on.
 """
 
 from __future__ import annotations
