@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 from pathlib import Path
+
+import torch
 
 
 def cpu_name() -> str:
@@ -27,3 +30,15 @@ def write_report(report: dict, out: str | None) -> None:
         Path(out).write_text(text)
     else:
         print(text)
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: on the shared 2-core machines a second thread makes "
+                             "timings swing with other jobs, and CPU time then also counts spin-waiting; "
+                             "0 = torch's default)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)

@@ -27,7 +27,7 @@ import time
 import pytest
 import torch
 
-from benchmarks._common import cpu_name, write_report
+from benchmarks._common import add_threads_option, apply_threads, cpu_name, write_report
 import torch.nn.functional as F
 
 from fastadv.attacks import APGD, PGD, AutoAttack
@@ -212,15 +212,13 @@ def main(argv=None) -> int:
     ap.add_argument("--n-eval", type=int, default=256, help="test images for the PGD rows")
     ap.add_argument("--apgd-batches", type=int, default=1, help="batches for the APGD-CE row (slow)")
     ap.add_argument("--epochs", type=int, default=4, help="training epochs of the benchmark model")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: the figures use CPU time, which measures one thread's work; "
-                         "with more threads it also counts spin-waiting)")
+    add_threads_option(ap)
     ap.add_argument("--autoattack", action="store_true",
                     help="also time AutoAttack-standard (minutes on a CPU) on the first --aa-n test images")
     ap.add_argument("--aa-n", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    apply_threads(args)
 
     t_start = time.perf_counter()
     model = trained_model(args.epochs, args.seed)

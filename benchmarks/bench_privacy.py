@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from benchmarks._common import cpu_name
+from benchmarks._common import add_threads_option, apply_threads, cpu_name
 
 from fastadv.privacy import rmia_scores, roc_metrics
 
@@ -290,16 +290,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-loop-seconds", type=float, default=60.0)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1: the numpy reference loop is single-threaded, and on a "
-        "shared 2-core machine multi-threaded torch timings swing with other jobs; 0 = torch's default)",
-    )
+    add_threads_option(parser)
     args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
 
     roc_sizes = [(1000, 1000), (5000, 1000)] if args.quick else [(10_000, 10_000), (50_000, 10_000)]
     rmia_size = (2000, 2000, 4) if args.quick else (20_000, 20_000, 4)

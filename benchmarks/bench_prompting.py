@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from benchmarks._common import cpu_name
+from benchmarks._common import add_threads_option, apply_threads, cpu_name
 import torch.nn.functional as F
 from torch import nn
 
@@ -239,16 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per configuration (interleaved)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--geometries", default="tarp", help="comma-separated: tarp, ilm")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1: on the shared 2-core machines a second thread makes every timing "
-        "swing with other jobs' load; 0 = torch's default)",
-    )
+    add_threads_option(parser)
     args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     started = time.perf_counter()
     torch.manual_seed(0)
     first = make_source(False)

@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks._common import cpu_name, write_report
+from benchmarks._common import add_threads_option, apply_threads, cpu_name, write_report
 import torch.nn.functional as F
 
 from fastadv.cam import compute_cam, masks_from_cams, part_masks
@@ -285,10 +285,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ref-repeats", type=int, default=3, help="timed repeats of the per-image reference loop")
     ap.add_argument("--train-repeats", type=int, default=3, help="timed PGD-AT epochs per side")
     ap.add_argument("--train-subset", type=int, default=None, help="use only the first n training images")
-    ap.add_argument("--threads", type=int, default=1)
+    add_threads_option(ap)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    apply_threads(args)
 
     t_start = time.perf_counter()
     report = {

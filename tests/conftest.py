@@ -23,3 +23,24 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture
+def one_thread():
+    """For tests of tiny models: one intra-op thread is as fast, gives the same reduction order in every run,
+    and does not spin-wait when other processes share the two cores. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def restore_method_registry():
+    """Leave fastadv.train's method registry as it was (LM-VP training registers its methods there)."""
+    from fastadv.train import METHODS
+
+    saved = dict(METHODS)
+    yield
+    METHODS.clear()
+    METHODS.update(saved)

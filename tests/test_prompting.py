@@ -31,25 +31,7 @@ from fastadv.prompting import (
     train_lmvp,
 )
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The models here are tiny: a second intra-op thread only adds synchronisation, and on the shared 2-core
-    # machines it makes timings swing with other jobs. Restored afterwards for the rest of the session.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_method_registry():
-    # LM-VP training registers its methods with fastadv.train; leave the registry as the other tests expect it.
-    from fastadv.train import METHODS
-
-    saved = dict(METHODS)
-    yield
-    METHODS.clear()
-    METHODS.update(saved)
+pytestmark = pytest.mark.usefixtures("one_thread", "restore_method_registry")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from fastadv.prompting import (
 )
 from fastadv.train import SAM, CheckpointError, build_optimizer, lr_factor
 
+pytestmark = pytest.mark.usefixtures("one_thread", "restore_method_registry")
+
 N_SOURCE, N_TARGET = 12, 10
 
 
@@ -48,27 +50,6 @@ def tiny_config(**overrides):
     values = {"epochs": 1, "batch_size": 8, "steps": 2, "eval_subset": 16, "mia_subset": 16, "mia_steps": 2,
               "transfer_steps": 2, "eval_batch_size": 16, "sanity_checks": False}
     return LMVPConfig(**{**values, **overrides})
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The models here are tiny: a second intra-op thread only adds synchronisation, and on the shared 2-core
-    # machines it makes timings swing with other jobs. Restored afterwards for the rest of the session.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_method_registry():
-    # LM-VP training registers its methods with fastadv.train; leave the registry as the other tests expect it.
-    from fastadv.train import METHODS
-
-    saved = dict(METHODS)
-    yield
-    METHODS.clear()
-    METHODS.update(saved)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -21,18 +21,10 @@ from torch import nn
 from fastadv.models.base import FeatureModel
 from fastadv.train import TrainConfig, load_checkpoint, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WORLD = 2
 PER_RANK_BATCH = 16
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is as fast, gives the same reduction order in every run, and does not
-    spin-wait when other processes share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class NoBatchNorm(FeatureModel):

@@ -25,17 +25,9 @@ from fastadv.train import (SAM, CheckpointError, TrainConfig, Trainer, atomic_sa
                            train)
 from fastadv.train import checkpoint as checkpoint_module
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is as fast, gives the same reduction order in every run, and does not
-    spin-wait when other processes share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -23,17 +23,9 @@ from fastadv.train import METHODS, TrainConfig, Trainer, get_method
 from fastadv.train.data import Batch
 from fastadv.train.methods import PART, rrm_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EPS = 8 / 255
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is as fast, gives the same reduction order in every run, and does not
-    spin-wait when other processes share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Tiny(FeatureModel):
