@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .utils import AMP_DTYPES, auto_channels_last, autocast_context, has_conv2d
+
 CAM_METHODS = ("gradcam", "xgradcam", "layercam")
 MASK_RECIPES = ("jet", "cam")
 
@@ -64,6 +66,8 @@ def compute_cam(
     *,
     method: str = "gradcam",
     target: Tensor | Sequence[int] | None = None,
+    amp: str | None = None,
+    channels_last: bool | None = None,
 ) -> Tensor:
     """Class activation maps ``(B, h, w)`` (float32, after ReLU) of ``model`` on the batch ``x``.
 
@@ -71,13 +75,26 @@ def compute_cam(
     output must be a ``(B, C, h, w)`` tensor and it must run once per forward. ``target``: class per
     sample (default: the predicted class). The model is put in eval mode and its parameters are frozen
     for the pass; both are restored exactly, and no parameter ``.grad`` is written.
+
+    ``amp`` (``"bf16"`` / ``"fp16"``) runs the forward pass under autocast; the map itself is formed in
+    float32. On a CPU with AVX-512 BF16 this halves the time, and a PART mask then differs from the float32
+    one in a fraction of a percent of its pixels (the maps are close, the ``> 1`` threshold flips near-ties).
+    ``channels_last`` (``None``: automatic, the attack engine's rule: on for a network with a ``Conv2d`` on
+    the CPU or with ``amp``) runs the pass on a channels-last copy of ``x``: the same maps up to float
+    rounding, faster with oneDNN.
     """
     if method not in CAM_METHODS:
         raise ValueError(f"unknown CAM method {method!r}; valid: {', '.join(CAM_METHODS)}")
+    if amp not in (None, "none") and amp not in AMP_DTYPES:
+        raise ValueError(f"compute_cam: `amp` must be None, 'bf16' or 'fp16', got {amp!r}")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("compute_cam needs autograd: call it outside torch.inference_mode()")
     module = resolve_layer(model, layer)
     x = x.detach()
+    if channels_last is None:
+        channels_last = auto_channels_last(has_conv2d(model), x.device, amp)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
 
     captured: list[Tensor] = []
 
@@ -101,7 +118,9 @@ def compute_cam(
         for param, _ in flags:
             param.requires_grad_(False)
         with torch.enable_grad():
-            logits = model(x)
+            with autocast_context(x.device, amp):
+                logits = model(x)
+            logits = logits.float()
             if not captured:
                 raise ValueError("CAM target layer did not run during the forward pass")
             if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
@@ -296,13 +315,14 @@ def part_masks(
     *,
     target: Tensor | Sequence[int] | None = None,
     threshold: float = 1.0,
+    amp: str | None = None,
 ) -> Tensor:
     """PART pixel-importance masks of the batch ``x`` (``(B, C, H, W)`` in pixel space): one CAM pass
     (:func:`compute_cam`) then :func:`masks_from_cams`. Returns ``bool`` ``(B, 3, H, W)`` for
-    ``recipe="jet"`` and ``(B, 1, H, W)`` for ``recipe="cam"``; ``True`` marks important pixels (ε_high)."""
+    ``recipe="jet"`` and ``(B, 1, H, W)`` for ``recipe="cam"``; ``True`` marks important pixels (ε_high). ``amp``: see :func:`compute_cam`."""
     if recipe not in MASK_RECIPES:
         raise ValueError(f"unknown mask recipe {recipe!r}; valid: {', '.join(MASK_RECIPES)}")
-    cams = compute_cam(model, x, layer, method=method, target=target)
+    cams = compute_cam(model, x, layer, method=method, target=target, amp=amp)
     return masks_from_cams(cams, (x.shape[-2], x.shape[-1]), recipe=recipe, threshold=threshold)
 
 

@@ -20,6 +20,7 @@ from fastadv.cam import (
     part_masks,
     resize_bicubic_pil,
 )
+from fastadv.data import get_dataset
 from fastadv.models import create_model, with_normalization
 
 JET = matplotlib.colormaps["jet"]
@@ -308,6 +309,23 @@ def test_part_masks_end_to_end_with_normalized_model():
             assert torch.equal(masks, masks_from_cams(cams, (32, 32), recipe=recipe))
     by_name = compute_cam(model, x, "1.block3")
     torch.testing.assert_close(by_name, compute_cam(model, x), rtol=0, atol=0)
+
+
+def test_layout_and_bf16_passes_agree_with_the_float32_nchw_pass():
+    torch.manual_seed(4)
+    model = create_model("resnet18", width=8).eval()
+    x = get_dataset("digits", split="test").x[:16]
+    nchw = compute_cam(model, x, channels_last=False)
+    torch.testing.assert_close(compute_cam(model, x, channels_last=True), nchw, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(compute_cam(model, x), nchw, rtol=1e-4, atol=1e-6)  # automatic: on, on the CPU
+    bf16 = compute_cam(model, x, amp="bf16")
+    assert bf16.dtype == torch.float32
+    scale = nchw.amax(dim=(1, 2), keepdim=True)  # bf16 keeps ~3 significant digits of each map
+    assert ((bf16 - nchw).abs() / scale).max() < 0.05
+    agreement = (part_masks(model, x, amp="bf16") == masks_from_cams(nchw, (32, 32))).float().mean()
+    assert agreement > 0.98
+    with pytest.raises(ValueError, match="amp"):
+        compute_cam(model, x, amp="fp8")
 
 
 def test_cam_errors():

@@ -235,7 +235,8 @@ def test_bf16_channels_last_training_step():
     assert all(p.grad is None for p in model.source.parameters())
 
 
-def test_training_never_deep_copies_the_source(monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, None])
+def test_training_never_deep_copies_the_source(monkeypatch, channels_last):
     real = copy.deepcopy
 
     def guarded(obj, *args, **kwargs):
@@ -244,11 +245,17 @@ def test_training_never_deep_copies_the_source(monkeypatch):
 
     monkeypatch.setattr(copy, "deepcopy", guarded)
     model = lmvp(mapping="linear")
-    pointers = [p.data_ptr() for p in model.source.parameters()]
+    params = list(model.source.parameters())
+    pointers = [p.data_ptr() for p in params]
     x, y = data(16, seed=3)
-    history = train_lmvp(model, (x, y), tiny_config(epochs=2, method="pgd_at"), eval_data=(x, y))
+    history = train_lmvp(model, (x, y), tiny_config(epochs=2, method="pgd_at", channels_last=channels_last),
+                         eval_data=(x, y))
     assert len(history) == 2 and 0 <= history[-1]["nat_acc"] <= 1
-    assert model.source is not None and [p.data_ptr() for p in model.source.parameters()] == pointers
+    assert model.source is not None and all(a is b for a, b in zip(model.source.parameters(), params, strict=True))
+    if channels_last is False:  # the storage itself is untouched
+        assert [p.data_ptr() for p in model.source.parameters()] == pointers
+    else:  # automatic on the CPU: converted to channels-last in place (the same parameters, restrided)
+        assert model.channels_last and params[0].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_checkpoint_resume_reproduces_an_uninterrupted_run(tmp_path):

@@ -401,6 +401,31 @@ def test_scheduler_steps_once_per_optimizer_step(digits16):
 # precision, layout, data sources
 
 
+def test_channels_last_is_automatic_for_convolutional_models_on_the_cpu(digits16):
+    train_set, test_set = digits16
+    losses = {}
+    for setting, expected in ((None, True), (False, False), (True, True)):
+        trainer = Trainer(_cfg(channels_last=setting, epochs=1), train_set=train_set, eval_set=test_set)
+        try:
+            assert trainer.channels_last is expected
+            conv = next(m for m in trainer.model.modules() if isinstance(m, nn.Conv2d))
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last) is expected
+            losses[setting] = trainer.fit().history[-1]["train_loss"]
+        finally:
+            trainer.close()
+    # the layout changes float rounding in the convolutions, not the computation
+    assert losses[None] == pytest.approx(losses[False], rel=1e-4) and losses[None] == losses[True]
+
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))  # no convolution: nothing to gain
+    trainer = Trainer(_cfg(epochs=1), model=mlp, train_set=train_set, eval_set=test_set)
+    try:
+        assert trainer.channels_last is False
+    finally:
+        trainer.close()
+    with pytest.raises(ValueError, match="channels_last"):
+        _cfg(channels_last="yes").validate()
+
+
 def test_bf16_channels_last_and_dataset_inputs_train(tmp_path, digits16):
     train_set, test_set = digits16
     result = train(_cfg(method="trades", amp="bf16", channels_last=True, epochs=1), train_set=train_set,

@@ -31,11 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..utils import AMP_DTYPES, auto_channels_last, has_conv2d
 from . import _checks
 from .losses import margin
 
 NORMS = ("linf", "l2")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # fp16 backward passes underflow on small loss gradients; the attacks only need the gradient's direction,
 # so the loss is scaled up by this constant and the gradient scaled back down.
 FP16_LOSS_SCALE = 1024.0
@@ -119,7 +119,7 @@ class Attack(ABC):
             _checks.choice(owner, "amp", amp, tuple(AMP_DTYPES))
         self.amp = amp
         self.channels_last = None if channels_last is None else bool(channels_last)
-        self._has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        self._has_conv = has_conv2d(model)
         self.lo, self.hi = _checks.box(owner, lo, hi)
         self.generator = make_generator(owner, generator)
         self._device_generators: dict[torch.device, torch.Generator] = {}
@@ -187,7 +187,7 @@ class Attack(ABC):
             return False
         if self.channels_last is not None:
             return self.channels_last
-        return self._has_conv and (x.device.type == "cpu" or self.amp is not None)
+        return auto_channels_last(self._has_conv, x.device, self.amp)
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
         """The private generator for ``device``: the given generator when it lives there, else one seeded once

@@ -65,7 +65,7 @@ class LMVPConfig:
     pad_width: int = 30  # pad: frame width
     normalization: str = "default"  # default (per geometry) | imagenet | target (training-set stats) | none
     mapping: str = "linear"  # rlm | flm | ilm | linear
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: automatic (the trainer's rule: on for a CNN source on the CPU or with amp)
 
     # ---- data
     dataset: str = "cifar10"  # fastadv.data.get_dataset name ("digits" needs no files)
@@ -189,7 +189,9 @@ class LMVPConfig:
             value = getattr(self, name)
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
                 _fail(name, f"must be a dict with string keys, got {value!r}")
-        for name in ("pretrained", "channels_last", "augment", "mia", "sanity_checks", "progress"):
+        if self.channels_last is not None and not isinstance(self.channels_last, bool):
+            _fail("channels_last", f"must be True, False or None (automatic), got {self.channels_last!r}")
+        for name in ("pretrained", "augment", "mia", "sanity_checks", "progress"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, f"must be True or False, got {getattr(self, name)!r}")
         for name in ("source_classes", "out_size", "rescale", "epochs", "batch_size", "lr_step_epochs",

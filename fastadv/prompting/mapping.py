@@ -241,7 +241,7 @@ def source_label_counts(model: nn.Module, data, n_source: int, n_target: int, *,
                         amp: str | None = None) -> Tensor:
     """The ``(n_source, n_target)`` count matrix of ``(argmax model.source_logits(x), y)`` over ``data``,
     accumulated on the model's device (the model runs in eval mode; its modes are restored)."""
-    from ..train.evaluate import autocast_context
+    from ..utils import autocast_context
 
     device = next(iter(model.parameters())).device
     counts = torch.zeros(n_source, n_target, dtype=torch.int64, device=device)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..train import Trainer, TrainConfig, register_method
-from ..train.evaluate import autocast_context
+from ..utils import autocast_context
 from ..train.methods import METHODS, PGDAT, Method, Standard
 from ..utils import resolve_device as _resolve_device
 from . import _data
@@ -129,7 +129,7 @@ class LMVPTransferAT(_LMVPMethod, PGDAT):
             c = self.config
             self.attack = PGD(self.threat_model, eps=c.eps, alpha=c.alpha, steps=c.steps, norm=c.norm, loss="ce",
                               random_start=True, generator=self._generator, amp=self._trainer_amp,
-                              channels_last=c.channels_last)
+                              channels_last=trainer.channels_last)
         super().on_epoch_start(trainer, epoch)
 
 
@@ -224,14 +224,14 @@ def train_lmvp(model: LMVPModel, train_data, config: LMVPConfig, *, threat_model
                              f"on {device}; move it there first")
         sample, _ = _data.first_images(train_data, 1, device, "train_data")
         check_threat_model(threat_model, model.n_target, sample, target=model)
-    if config.channels_last:
-        model.channels_last = True  # canvases in channels-last too (the trainer converts the parameters)
     has_eval = eval_data is not None
     train_config = to_train_config(config, n_target=model.n_target,
                                    eval_subset=config.eval_subset if has_eval else 0,
                                    eval_every=1 if has_eval else 0, model_kwargs=model_description(model))
     trainer = Trainer(train_config, model=model, train_set=train_data, eval_set=eval_data,
                       callbacks=[_EpochEnd(on_epoch_end)] if on_epoch_end is not None else [])
+    # The trainer has decided the memory format (and converted the parameters): canvases follow it.
+    model.channels_last = model.channels_last or trainer.channels_last
     try:
         trainer.method.attach(fit_data=train_data, threat_model=threat_model,
                               mapping_batch_size=config.mapping_batch_size)

@@ -124,7 +124,7 @@ class TrainConfig:
 
     # ---- precision and layout
     amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler)
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: automatic (CPU, or any amp, with a Conv2d in the model)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False  # torch.use_deterministic_algorithms + cudnn.deterministic
 
@@ -216,10 +216,13 @@ class TrainConfig:
                 _fail(name, f"must be a dict with string keys, got {value!r}")
 
         for name in ("normalize", "augment", "drop_last", "nesterov", "sam_adaptive", "reproduce_misaligned_masks",
-                     "rrm_projection", "channels_last", "deterministic", "save_best", "progress", "sync_batchnorm",
+                     "rrm_projection", "deterministic", "save_best", "progress", "sync_batchnorm",
                      "find_unused_parameters"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, f"must be True or False, got {getattr(self, name)!r}")
+
+        if self.channels_last is not None and not isinstance(self.channels_last, bool):
+            _fail("channels_last", f"must be True, False or None (automatic), got {self.channels_last!r}")
 
         positive_ints = ("batch_size", "epochs", "eval_batch_size", "cam_every", "co_batch_size", "co_steps",
                          "free_replays", "log_every_steps")

@@ -8,16 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from ..utils import autocast_context
 from .distributed import DistInfo, all_reduce_sum
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast_context(device: torch.device, amp: str | None):
-    """``torch.autocast`` for ``amp`` in ``{"bf16", "fp16"}``; a disabled one for ``None`` / ``"none"``."""
-    if amp in (None, "none"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
 def evaluate_robustness(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, eps: float, alpha: float,
@@ -65,4 +57,4 @@ def evaluate_robustness(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
     return {"nat_acc": nat / n, "pgd_acc": adv / n if attack is not None else float("nan"), "n": int(n)}
 
 
-__all__ = ["autocast_context", "evaluate_robustness"]
+__all__ = ["evaluate_robustness"]

@@ -43,9 +43,10 @@ from .checkpoint import VERSION as CHECKPOINT_VERSION
 from .config import TrainConfig
 from .data import Batch, EvalData, TrainData, augment
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, init_distributed, shutdown
-from .evaluate import autocast_context, evaluate_robustness
+from .evaluate import evaluate_robustness
 from .logs import RunLogger
 from .methods import Method, create_method
+from ..utils import auto_channels_last, autocast_context, has_conv2d
 from .optim import SAM, build_optimizer, build_scheduler
 
 log = logging.getLogger("fastadv.train")
@@ -235,6 +236,10 @@ class Trainer:
             from ..models import create_model
 
             model = create_model(c.model, num_classes=self.num_classes, **c.model_kwargs)
+        # The run's memory format for 4-D batches, decided once (TrainConfig.channels_last=None: automatic).
+        has_conv = isinstance(model, nn.Module) and has_conv2d(model)
+        self.channels_last = (c.channels_last if c.channels_last is not None
+                              else auto_channels_last(has_conv, self.device, self.amp))
         self.model = self.prepare_model(model)
         if c.sync_batchnorm and self.dist.enabled:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -288,7 +293,7 @@ class Trainer:
             mean, std = self._normalization_stats()
             model = with_normalization(model, mean, std)
         model = model.to(self.device)
-        if self.config.channels_last:
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
 
@@ -386,7 +391,7 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(c.seed + 7919 * (self.epoch + 1))
         result = evaluate_robustness(self.model, self.eval_data, eps=c.eps, alpha=c.eval_alpha,
                                      steps=c.eval_steps if steps is None else steps, norm=c.norm, generator=generator,
-                                     amp=self.amp, channels_last=c.channels_last, dist_info=self.dist,
+                                     amp=self.amp, channels_last=self.channels_last, dist_info=self.dist,
                                      device=self.device)
         return {"nat_acc": result["nat_acc"], "pgd_acc": result["pgd_acc"]}
 
@@ -500,7 +505,7 @@ class Trainer:
     def _prepare(self, batch: Batch) -> Batch:
         if self.config.augment:
             batch = augment(batch, self.aug_generator, self.config.crop_padding)
-        if self.config.channels_last:
+        if self.channels_last:
             batch.x = batch.x.contiguous(memory_format=torch.channels_last)
         return batch
 

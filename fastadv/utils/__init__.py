@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def resolve_device(name: str | torch.device, *, what: str = "device") -> torch.device:
@@ -19,4 +20,26 @@ def resolve_device(name: str | torch.device, *, what: str = "device") -> torch.d
     return device
 
 
-__all__ = ["resolve_device"]
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_context(device: torch.device | str, amp: str | None):
+    """``torch.autocast`` for ``amp`` in ``{"bf16", "fp16"}``; a disabled one for ``None`` / ``"none"``."""
+    device_type = torch.device(device).type
+    if amp in (None, "none"):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return torch.autocast(device_type=device_type, dtype=AMP_DTYPES[amp])
+
+
+def has_conv2d(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def auto_channels_last(has_conv: bool, device: torch.device | str, amp: str | None) -> bool:
+    """The automatic memory-format choice for 4-D batches: channels-last for a network with a 2-D convolution
+    when it runs on the CPU (oneDNN's convolutions and pooling are faster that way; NCHW max-pooling is several
+    times slower) or under autocast on any device (tensor-core kernels want NHWC). fp32 CUDA keeps NCHW."""
+    return has_conv and (torch.device(device).type == "cpu" or amp not in (None, "none"))
+
+
+__all__ = ["AMP_DTYPES", "auto_channels_last", "autocast_context", "has_conv2d", "resolve_device"]

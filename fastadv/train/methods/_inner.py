@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ... import ops
 from ...attacks import attack_mode
-from ..evaluate import autocast_context
+from ...utils import autocast_context
 
 # fp16 input gradients underflow on small losses; only their sign / direction is used, so the objective is
 # scaled up before the backward pass (as the attack engine does).

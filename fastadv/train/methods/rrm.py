@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...attacks import attack_mode
+from ...utils import autocast_context
 from ..data import Batch
-from ..evaluate import autocast_context
 from .base import Method
 
 if TYPE_CHECKING:
