@@ -24,7 +24,7 @@ from fastadv.prompting import (
     to_train_config,
     train_lmvp,
 )
-from fastadv.train import SAM, CheckpointError, build_optimizer, lr_factor
+from fastadv.train import SAM, CheckpointError, build_optimizer, load_checkpoint, lr_factor
 
 pytestmark = pytest.mark.usefixtures("one_thread", "restore_method_registry")
 
@@ -282,6 +282,28 @@ def test_checkpoint_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert torch.equal(resumed.mapping.index, full.mapping.index)
     with pytest.raises(CheckpointError, match="differs in model_kwargs"):
         train_lmvp(lmvp("ilm", "ilm"), (x, y), config_b.replace(resume="auto", geometry="ilm"))
+
+
+def test_checkpoints_leave_the_frozen_source_out_unless_asked(tmp_path):
+    x, y = data(16)
+    config = tiny_config(epochs=1, out_dir=str(tmp_path / "a"))
+    trained = lmvp()
+    train_lmvp(trained, (x, y), config)
+    state = load_checkpoint(tmp_path / "a" / "last.pt")
+    assert not any(k.startswith("source.") for k in state["model"])
+    assert set(state["model"]) == {k for k in trained.state_dict() if not k.startswith("source.")}
+    assert set(state["frozen"]["fingerprint"]) == {f"source.{k}" for k in small_cnn(N_SOURCE).state_dict()}
+
+    resumed = lmvp()  # the same pre-trained source: the finished run loads
+    assert len(train_lmvp(resumed, (x, y), config.replace(resume="auto"))) == 1
+    torch.testing.assert_close(resumed.prompt.prompt, trained.prompt.prompt, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match=r"omits the frozen weights \(source\.\)"):
+        train_lmvp(LMVPModel(small_cnn(N_SOURCE, seed=9), lmvp().prompt, "linear", n_target=N_TARGET,
+                             n_source=N_SOURCE), (x, y), config.replace(resume="auto"))
+
+    train_lmvp(lmvp(), (x, y), config.replace(out_dir=str(tmp_path / "b"), save_source=True))
+    state = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert "frozen" not in state and set(state["model"]) == set(trained.state_dict())
 
 
 # ------------------------------------------------------------------------------------------------------------

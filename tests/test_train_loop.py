@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastadv.data import get_dataset
+from fastadv.models import create_model
 from fastadv.train import (SAM, CheckpointError, TrainConfig, Trainer, atomic_save, load_checkpoint, lr_factor,
                            train)
 from fastadv.train import checkpoint as checkpoint_module
@@ -191,8 +192,6 @@ def test_checkpoints_load_with_weights_only_and_hold_the_full_state(tmp_path, di
     assert result.best_checkpoint == tmp_path / "run" / "best.pt"
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
     # The model weights load into a fresh model with fastadv.models (the "model" entry).
-    from fastadv.models import create_model
-
     create_model("small_cnn", 10, width=4, checkpoint_path=tmp_path / "run" / "best.pt")
 
 
@@ -399,6 +398,20 @@ def test_scheduler_steps_once_per_optimizer_step(digits16):
 
 # --------------------------------------------------------------------------------------------------
 # precision, layout, data sources
+
+
+def test_fingerprints_ignore_layout_and_catch_a_changed_weight():
+    from fastadv.train.checkpoint import fingerprint, fingerprint_mismatch
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", width=8)
+    saved = fingerprint(model.state_dict())
+    model.to(memory_format=torch.channels_last)  # another summation order, the same values
+    assert fingerprint_mismatch(saved, fingerprint(model.state_dict())) is None
+    with torch.no_grad():
+        model.layer3[0].conv1.weight[0, 0, 0, 0] += 1e-3
+    assert fingerprint_mismatch(saved, fingerprint(model.state_dict())) == "layer3.0.conv1.weight"
+    assert fingerprint_mismatch(saved, fingerprint({})) is not None
 
 
 def test_channels_last_is_automatic_for_convolutional_models_on_the_cpu(digits16):

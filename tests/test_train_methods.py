@@ -411,6 +411,31 @@ def test_registry_has_every_method_and_unknown_names_fail():
         TrainConfig(method="madry")
 
 
+def test_trainer_takes_a_configured_method_instance():
+    config = _cfg(method="pgd_at", epochs=1, train_subset=32, batch_size=16, steps=1, eval_subset=0,
+                  model_kwargs={"width": 4})
+    calls = []
+
+    class Counting(METHODS["pgd_at"]):
+        def perturb(self, trainer, batch):
+            calls.append(batch.x.shape[0])
+            return super().perturb(trainer, batch)
+
+    trainer = Trainer(config, method=Counting(config))
+    try:
+        assert isinstance(trainer.method, Counting)
+        trainer.fit()
+    finally:
+        trainer.close()
+    assert sum(calls) == trainer.train_data.num_examples
+    with pytest.raises(ValueError, match="'pgd_at' method built with this config"):
+        Trainer(config, method=METHODS["trades"](config))
+    with pytest.raises(ValueError, match="built with another config"):
+        Trainer(config, method=METHODS["pgd_at"](_cfg(method="pgd_at")))
+    with pytest.raises(TypeError, match="`method` must be"):
+        Trainer(config, method="pgd_at")
+
+
 @pytest.mark.parametrize("field, value", [
     ("lr", -0.1), ("lr", math.nan), ("epochs", 0), ("batch_size", 2.5), ("eps", 0), ("optimizer", "lbfgs"),
     ("schedule", "step"), ("amp", "fp8"), ("norm", "l1"), ("milestones", (30, 10)), ("cam_recipe", "hot"),

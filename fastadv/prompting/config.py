@@ -121,6 +121,7 @@ class LMVPConfig:
     # ---- output
     out_dir: str | None = None  # last.pt (every epoch) and result.json; None writes nothing
     resume: str | None = None  # a checkpoint path, or "auto" = out_dir/last.pt when it exists
+    save_source: bool = False  # also store the frozen source's weights in last.pt (self-contained, ~100 MB for RN-50)
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -191,7 +192,7 @@ class LMVPConfig:
                 _fail(name, f"must be a dict with string keys, got {value!r}")
         if self.channels_last is not None and not isinstance(self.channels_last, bool):
             _fail("channels_last", f"must be True, False or None (automatic), got {self.channels_last!r}")
-        for name in ("pretrained", "augment", "mia", "sanity_checks", "progress"):
+        for name in ("pretrained", "save_source", "augment", "mia", "sanity_checks", "progress"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, f"must be True or False, got {getattr(self, name)!r}")
         for name in ("source_classes", "out_size", "rescale", "epochs", "batch_size", "lr_step_epochs",

@@ -247,8 +247,12 @@ class LMVPModel(nn.Module):
       format (faster convolutions on most CPUs and GPUs).
 
     :meth:`canvas` gives the prompted input, :meth:`source_logits` the source's logits; ``forward`` returns the
-    target logits. :meth:`trainable_parameters` are the prompt's and the mapping's.
+    target logits. :meth:`trainable_parameters` are the prompt's and the mapping's. Training checkpoints leave
+    the frozen source out (``frozen_state_prefixes``; it is rebuilt from the config and checked by fingerprint
+    on resume) unless ``LMVPConfig.save_source``.
     """
+
+    frozen_state_prefixes = ("source.",)
 
     def __init__(self, source: str | nn.Module, prompt: str | VisualPrompt, mapping: str | LabelMapping, *,
                  n_target: int | None = None, n_source: int | None = None, channels_last: bool = False,

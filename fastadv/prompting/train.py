@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..train import Trainer, TrainConfig, register_method
-from ..utils import autocast_context
+from ..train import TrainConfig, Trainer, register_method
 from ..train.methods import METHODS, PGDAT, Method, Standard
+from ..utils import autocast_context
 from ..utils import resolve_device as _resolve_device
 from . import _data
 from .config import LMVPConfig
@@ -53,14 +53,13 @@ def resolve_device(name: str) -> torch.device:
 
 class _LMVPMethod(Method):
     """Shared by the LM-VP methods: the model must be an :class:`LMVPModel`; the label mapping is refreshed at
-    the start of an epoch. :func:`train_lmvp` hands the method the data the mapping is fitted on
-    (``fit_data``) and, for transferred AT, the threat model, through :meth:`attach`."""
+    the start of an epoch. Besides the config they take the data the mapping is fitted on (``fit_data``) and,
+    for transferred AT, the threat model; :func:`train_lmvp` builds them and hands them to the trainer
+    (``Trainer(..., method=...)``)."""
 
-    fit_data: Any = None
-    threat_model: nn.Module | None = None
-    mapping_batch_size: int = 256
-
-    def attach(self, *, fit_data=None, threat_model: nn.Module | None = None, mapping_batch_size: int = 256) -> None:
+    def __init__(self, config: TrainConfig, *, fit_data=None, threat_model: nn.Module | None = None,
+                 mapping_batch_size: int = 256) -> None:
+        super().__init__(config)
         self.fit_data = fit_data
         self.threat_model = threat_model
         self.mapping_batch_size = mapping_batch_size
@@ -112,25 +111,18 @@ class LMVPTransferAT(_LMVPMethod, PGDAT):
     name = "lmvp_transfer_at"
 
     def setup(self, trainer: Trainer) -> None:
-        # Not PGD-AT's setup (an attack on the LM-VP model): the attack is built on the threat model once
-        # train_lmvp has attached it (before the first epoch).
-        self._check_model(trainer)
-        self.attack = None
-        self._trainer_amp = trainer.amp
-        self._generator = trainer.attack_generator
+        # Not PGD-AT's setup (an attack on the LM-VP model): the attack runs on the threat model only, in the
+        # layout the attack engine picks for that network.
+        from ..attacks import PGD
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        self._check_model(trainer)
         if self.threat_model is None:
             raise ValueError("method 'lmvp_transfer_at' needs a threat model: train with "
                              "fastadv.prompting.train_lmvp(..., threat_model=...)")
-        if self.attack is None or self.attack.model is not self.threat_model:
-            from ..attacks import PGD
-
-            c = self.config
-            self.attack = PGD(self.threat_model, eps=c.eps, alpha=c.alpha, steps=c.steps, norm=c.norm, loss="ce",
-                              random_start=True, generator=self._generator, amp=self._trainer_amp,
-                              channels_last=trainer.channels_last)
-        super().on_epoch_start(trainer, epoch)
+        c = self.config
+        self.attack = PGD(self.threat_model, eps=c.eps, alpha=c.alpha, steps=c.steps, norm=c.norm, loss="ce",
+                          random_start=True, generator=trainer.attack_generator, amp=trainer.amp,
+                          channels_last=c.channels_last)
 
 
 def register_lmvp_methods() -> None:
@@ -180,8 +172,8 @@ def to_train_config(config: LMVPConfig, *, n_target: int, eval_subset: int | Non
         milestones=milestones, lr_gamma=config.lr_gamma, eps=config.eps, alpha=config.alpha, steps=config.steps,
         norm=config.norm, amp=config.amp, channels_last=config.channels_last, device=config.device,
         seed=config.seed, eval_every=eval_every, eval_steps=0, eval_batch_size=config.eval_batch_size,
-        best_metric="nat_acc", save_best=False, out_dir=config.out_dir, resume=config.resume,
-        progress=config.progress)
+        best_metric="nat_acc", save_best=False, checkpoint_frozen=config.save_source, out_dir=config.out_dir,
+        resume=config.resume, progress=config.progress)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,13 +220,13 @@ def train_lmvp(model: LMVPModel, train_data, config: LMVPConfig, *, threat_model
     train_config = to_train_config(config, n_target=model.n_target,
                                    eval_subset=config.eval_subset if has_eval else 0,
                                    eval_every=1 if has_eval else 0, model_kwargs=model_description(model))
-    trainer = Trainer(train_config, model=model, train_set=train_data, eval_set=eval_data,
+    method = METHODS[train_config.method](train_config, fit_data=train_data, threat_model=threat_model,
+                                          mapping_batch_size=config.mapping_batch_size)
+    trainer = Trainer(train_config, model=model, train_set=train_data, eval_set=eval_data, method=method,
                       callbacks=[_EpochEnd(on_epoch_end)] if on_epoch_end is not None else [])
     # The trainer has decided the memory format (and converted the parameters): canvases follow it.
     model.channels_last = model.channels_last or trainer.channels_last
     try:
-        trainer.method.attach(fit_data=train_data, threat_model=threat_model,
-                              mapping_batch_size=config.mapping_batch_size)
         result = trainer.fit()
     finally:
         trainer.close()

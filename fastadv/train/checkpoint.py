@@ -8,6 +8,7 @@ the new one, never half of one.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -140,6 +141,39 @@ def capture_global_rng() -> dict:
     return state
 
 
+def frozen_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """The state-dict key prefixes of the parts ``model`` declares frozen and rebuildable from its config
+    (``model.frozen_state_prefixes``, e.g. ``("source.",)`` for an LM-VP model's pre-trained network)."""
+    prefixes = getattr(model, "frozen_state_prefixes", ())
+    if isinstance(prefixes, str) or not all(isinstance(p, str) and p for p in prefixes):
+        raise TypeError(f"{type(model).__name__}.frozen_state_prefixes must be a tuple of non-empty strings, "
+                        f"got {prefixes!r}")
+    return tuple(prefixes)
+
+
+def fingerprint(state: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """``name -> [numel, sum, sum of squares]`` (float64) of each tensor: enough to tell whether a checkpoint's
+    omitted frozen weights are the ones a run is about to resume with, without storing them."""
+    out = {}
+    for name, t in state.items():
+        v = t.detach().double()
+        out[name] = [float(t.numel()), float(v.sum()), float((v * v).sum())]
+    return out
+
+
+def fingerprint_mismatch(saved: dict, current: dict[str, list[float]]) -> str | None:
+    """The first key whose fingerprint differs (up to summation-order rounding), or ``None``."""
+    if set(saved) != set(current):
+        return next(iter(sorted(set(saved) ^ set(current))))
+    for name, (numel, total, squares) in current.items():
+        s_numel, s_total, s_squares = saved[name]
+        # float64 sums of float32 values agree to ~1e-16 of sum(|x|) <= sqrt(numel * squares) in any order
+        slack = 1e-9 * math.sqrt(numel * max(squares, s_squares)) + 1e-12
+        if numel != s_numel or abs(total - s_total) > slack or abs(squares - s_squares) > 1e-9 * squares + 1e-12:
+            return name
+    return None
+
+
 def restore_global_rng(state: dict) -> None:
     """Inverse of :func:`capture_global_rng`."""
     torch.set_rng_state(state["torch"].cpu())
@@ -157,7 +191,7 @@ def restore_global_rng(state: dict) -> None:
 
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "atomic_save", "atomic_write_text", "capture_global_rng",
-           "load_trained_model",
+           "fingerprint", "fingerprint_mismatch", "frozen_prefixes", "load_trained_model",
            "load_checkpoint", "restore_global_rng"]
 
 

@@ -139,6 +139,7 @@ class TrainConfig:
     out_dir: str | None = "runs/fastadv"  # checkpoints and logs; None writes nothing
     checkpoint_every_steps: int = 0  # also write last.pt every N batches (mid-epoch resume); 0 = epoch ends
     save_best: bool = True
+    checkpoint_frozen: bool = False  # also store the parts a model declares frozen (frozen_state_prefixes)
     resume: str | None = None  # a checkpoint path, or "auto" = out_dir/last.pt when it exists
     progress: bool = True  # tqdm progress bar (rank 0)
     log_every_steps: int = 20  # progress-bar refresh of the running loss / accuracy
@@ -216,7 +217,7 @@ class TrainConfig:
                 _fail(name, f"must be a dict with string keys, got {value!r}")
 
         for name in ("normalize", "augment", "drop_last", "nesterov", "sam_adaptive", "reproduce_misaligned_masks",
-                     "rrm_projection", "deterministic", "save_best", "progress", "sync_batchnorm",
+                     "rrm_projection", "deterministic", "save_best", "checkpoint_frozen", "progress", "sync_batchnorm",
                      "find_unused_parameters"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, f"must be True or False, got {getattr(self, name)!r}")

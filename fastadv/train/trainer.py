@@ -36,8 +36,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .checkpoint import (CheckpointError, atomic_save, atomic_write_text, capture_global_rng, load_checkpoint,
-                         restore_global_rng)
+from .checkpoint import (CheckpointError, atomic_save, atomic_write_text, capture_global_rng, fingerprint,
+                         fingerprint_mismatch, frozen_prefixes, load_checkpoint, restore_global_rng)
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import VERSION as CHECKPOINT_VERSION
 from .config import TrainConfig
@@ -154,20 +154,29 @@ class Trainer:
     Optional arguments: ``model`` (an ``nn.Module`` instead of ``create_model(config.model)``; it must take
     ``[0, 1]`` pixels), ``train_set`` / ``eval_set`` (an :class:`fastadv.data.ImageSet`, an ``(x, y)`` pair of tensors
     or a map-style ``Dataset`` of ``(image, label)``; default: ``get_dataset(config.dataset)`` train /
-    ``config.eval_split``), ``callbacks`` (objects with ``on_step_end`` / ``on_epoch_end`` / ``on_train_end``).
+    ``config.eval_split``), ``callbacks`` (objects with ``on_step_end`` / ``on_epoch_end`` / ``on_train_end``),
+    ``method`` (a :class:`~fastadv.train.methods.Method` instance of ``config.method``, built with ``config``, for a
+    method that needs objects a config cannot hold — a threat model, fitting data; default:
+    ``create_method(config)``).
 
     Under ``torchrun`` the process group is started from the environment; every rank builds the same trainer.
     """
 
     def __init__(self, config: TrainConfig, *, model: nn.Module | None = None, train_set=None, eval_set=None,
-                 callbacks: Iterable[Any] = ()) -> None:
+                 callbacks: Iterable[Any] = (), method: Method | None = None) -> None:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"Trainer needs a TrainConfig, got {type(config).__name__}")
+        if method is not None:
+            if not isinstance(method, Method):
+                raise TypeError(f"Trainer: `method` must be a fastadv.train.methods.Method, got {type(method).__name__}")
+            if method.name != config.method or method.config is not config:
+                raise ValueError(f"Trainer: `method` must be a {config.method!r} method built with this config "
+                                 f"(got {method.name!r}{'' if method.config is config else ' built with another config'})")
         self.config = config
         self.callbacks = list(callbacks)
         self.dist = init_distributed(config.dist_backend, config.device)
         try:
-            self._build(model, train_set, eval_set)
+            self._build(model, train_set, eval_set, method)
         except BaseException:
             shutdown(self.dist)
             raise
@@ -194,7 +203,7 @@ class Trainer:
     def autocast(self):
         return autocast_context(self.device, self.amp)
 
-    def _build(self, model: nn.Module | None, train_set, eval_set) -> None:
+    def _build(self, model: nn.Module | None, train_set, eval_set, method: Method | None) -> None:
         c = self.config
         self.device = _resolve_device(c, self.dist)
         if c.sync_batchnorm and self.device.type != "cuda" and self.dist.enabled:
@@ -250,7 +259,7 @@ class Trainer:
         self.aug_generator = torch.Generator(device=gen_device).manual_seed(c.seed + 2_000_029 * (self.rank + 1))
 
         # ---- method, the trained module, DDP
-        self.method: Method = create_method(c)
+        self.method: Method = method if method is not None else create_method(c)
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -424,7 +433,7 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "finished": finished,
-            "model": self.model.state_dict(),
+            **self._model_state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -435,6 +444,36 @@ class Trainer:
             "best": self.best,
             "stop_reason": self.stop_reason,
         }
+
+    def _model_state(self) -> dict:
+        """``{"model": state dict}``, less the parts the model declares frozen (an LM-VP source: rebuilt from
+        the config, so a checkpoint holds only what training changes) unless ``checkpoint_frozen``; those
+        are recorded by fingerprint, checked on resume."""
+        state = self.model.state_dict()
+        prefixes = () if self.config.checkpoint_frozen else frozen_prefixes(self.model)
+        if not prefixes:
+            return {"model": state}
+        kept = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+        omitted = {k: v for k, v in state.items() if k.startswith(prefixes)}
+        return {"model": kept, "frozen": {"prefixes": list(prefixes), "fingerprint": fingerprint(omitted)}}
+
+    def _load_model_state(self, state: dict, path: Path) -> None:
+        frozen = state.get("frozen")
+        if not frozen:
+            self.model.load_state_dict(state["model"])
+            return
+        prefixes = tuple(frozen["prefixes"])
+        current = {k: v for k, v in self.model.state_dict().items() if k.startswith(prefixes)}
+        bad = fingerprint_mismatch(frozen["fingerprint"], fingerprint(current))
+        if bad is not None:
+            raise CheckpointError(f"cannot resume from {str(path)!r}: the checkpoint omits the frozen weights "
+                                  f"({', '.join(prefixes)}) and this run's differ from the ones it was trained with "
+                                  f"(first: {bad!r}); build the model with the same pre-trained weights")
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        missing = [k for k in missing if not k.startswith(prefixes)]
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not match this run's model: missing "
+                                  f"{missing[:5]}, unexpected {unexpected[:5]}")
 
     def save_checkpoint(self, *names: str) -> list[Path]:
         """Write the state to ``out_dir/<name>.pt`` for each name (default ``last``); rank 0 writes."""
@@ -470,7 +509,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint {str(path)!r} holds the state of {len(state['ranks'])} ranks, "
                                   f"this run has {self.world_size}")
         try:
-            self.model.load_state_dict(state["model"])
+            self._load_model_state(state, path)
             self.method.load_state_dict(state["method"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
