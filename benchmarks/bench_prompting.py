@@ -18,7 +18,8 @@ frozen), label mapping, cross-entropy, backward to the prompt and mapping, optim
   are *not* reproduced: only the op-by-op construction is);
 * ``fastadv_fp32``: :class:`fastadv.prompting.LMVPModel` (one fused ``prompt_pad``), float32, NCHW — the
   difference to ``reference`` is the canvas alone;
-* ``fastadv_fp32_cl``: the same with ``channels_last``;
+* ``fastadv_fp32_cl``: the same with ``channels_last`` — what ``train_lmvp`` runs by default on the CPU
+  (``LMVPConfig.channels_last=None``: channels-last for a convolutional source on the CPU);
 * ``fastadv_bf16_cl``: ``channels_last`` and bf16 autocast of the source network (``amp="bf16"``);
 * ``reference_bf16_cl``: the reference module with the same two options, to separate what the options
   give from what the fused canvas gives.
