@@ -446,7 +446,7 @@ def test_bf16_channels_last_and_dataset_inputs_train(tmp_path, digits16):
     assert math.isfinite(result.history[-1]["train_loss"])
 
     dataset = torch.utils.data.TensorDataset(train_set.x[:64], train_set.y[:64])
-    result = train(_cfg(method="part", warmup_epochs=1, cam_every=1, epochs=2, train_subset=None),
+    result = train(_cfg(method="part", warmup_epochs=1, cam_every=1, epochs=2, train_subset=None, amp="bf16"),
                    train_set=dataset, eval_set=torch.utils.data.TensorDataset(test_set.x[:16], test_set.y[:16]))
     assert len(result.history) == 2 and result.history[-1]["part_phase"] == "reweighted"
 

@@ -322,8 +322,9 @@ def _record_part(trainer):
     masks_for, perturb_with = method.masks_for, method.base.perturb_with
 
     def recording_masks_for(tr, batch):
+        cam_amp = method.config.cam_amp if method.config.cam_amp is not None else tr.amp
         fresh = part_masks(tr.model, batch.raw, method.config.cam_layer, method.config.cam_method,
-                           method.config.cam_recipe).to(torch.uint8)
+                           method.config.cam_recipe, amp=cam_amp).to(torch.uint8)
         if batch.crop is not None:
             offsets, flips, padding = batch.crop
             fresh = crop_flip(fresh, offsets, flips, padding=padding)
@@ -343,12 +344,14 @@ def _record_part(trainer):
     return records
 
 
-@pytest.mark.parametrize("name", ["part", "part_trades", "part_mart"])
-def test_part_masked_budget_respected_during_training(digits16, name):
+@pytest.mark.parametrize("name, cam_amp", [("part", None), ("part_trades", None), ("part_mart", None),
+                                           ("part", "bf16")])
+def test_part_masked_budget_respected_during_training(digits16, name, cam_amp):
     train_set, test_set = digits16
     eps_low = 4 / 255
     cfg = _cfg(method=name, model_kwargs={"width": 4}, train_subset=48, eval_subset=16, batch_size=16, epochs=3,
-               warmup_epochs=1, cam_every=2, eps_low=eps_low, steps=5, alpha=2 / 255, eval_steps=0, augment=True)
+               warmup_epochs=1, cam_every=2, eps_low=eps_low, steps=5, alpha=2 / 255, eval_steps=0, augment=True,
+               cam_amp=cam_amp)
     trainer = Trainer(cfg, train_set=train_set, eval_set=test_set)
     records = _record_part(trainer)
     result = trainer.fit()
@@ -441,7 +444,7 @@ def test_trainer_takes_a_configured_method_instance():
     ("schedule", "step"), ("amp", "fp8"), ("norm", "l1"), ("milestones", (30, 10)), ("cam_recipe", "hot"),
     ("momentum", 1.0), ("train_subset", 0), ("co_action", "panic"), ("dataset", "imagenet"), ("augment", "yes"),
     ("device", "tpu"), ("lr_gamma", 2.0), ("cyclic_peak", 1.0), ("adam_betas", (0.9,)), ("steps", 0),
-    ("num_classes", 0), ("co_drop", -0.1), ("free_replays", 0),
+    ("num_classes", 0), ("co_drop", -0.1), ("free_replays", 0), ("cam_amp", "fp8"),
 ])
 def test_invalid_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"TrainConfig\.{field}\b"):

@@ -106,6 +106,7 @@ class TrainConfig:
     cam_method: str = "gradcam"  # gradcam | xgradcam | layercam
     cam_recipe: str = "jet"  # jet (reference recipe) | cam (monotone)
     cam_layer: str | None = None  # dotted sub-module name; None = model.cam_layer
+    cam_amp: str | None = None  # precision of the CAM passes: none | bf16 | fp16; None = the run's amp
     cam_every: int = 10  # PART: refresh the masks every s epochs
     reproduce_misaligned_masks: bool = False  # PART: the reference code's mask/image misalignment
     fast_alpha: float | None = None  # Fast AT step; None = 1.25 · eps
@@ -301,6 +302,8 @@ class TrainConfig:
                                        f"else no epoch uses pixel reweighting; got {self.warmup_epochs}")
         if self.method == "rrm" and self.rrm_teacher is None:
             _fail("rrm_teacher", "method 'rrm' needs rrm_teacher=<path of the teacher's checkpoint>")
+        if self.cam_amp is not None and self.cam_amp not in AMP_MODES:
+            _fail("cam_amp", f"must be None (the run's amp) or one of {', '.join(AMP_MODES)}, got {self.cam_amp!r}")
         for name in ("data_dir", "cam_layer", "rrm_teacher", "out_dir", "resume", "dist_backend"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):

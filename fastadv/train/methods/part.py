@@ -6,8 +6,8 @@ maximisation runs with a per-pixel budget: ``eps`` (ε_high) on important pixels
 through :func:`fastadv.ops.masked_pgd_step_`; the start and the step size stay those of the base method.
 
 Masks (``fastadv.cam.part_masks``: CAM of the predicted class in eval mode, reference ``jet`` recipe or the
-monotone ``cam`` recipe) are computed batched for the *current* batch's examples, on their un-augmented
-images, every ``cam_every`` epochs, and cached by dataset index (``uint8``) in between; the cached mask follows
+monotone ``cam`` recipe; the CAM pass under ``cam_amp`` autocast, by default the run's ``amp``) are computed
+batched for the *current* batch's examples, on their un-augmented images, every ``cam_every`` epochs, and cached by dataset index (``uint8``) in between; the cached mask follows
 the batch's random crop and flip exactly as its image did. Under DDP the masks computed in a refresh epoch are
 gathered from all ranks, so every rank holds the whole cache. ``reproduce_misaligned_masks=True`` reproduces the
 reference code instead: masks computed on a differently shuffled pass are looked up by position in the epoch,
@@ -101,8 +101,9 @@ class PART(Method):
     def compute_masks(self, trainer: Trainer, images: Tensor) -> Tensor:
         """``uint8`` masks of ``images`` from the current model (one batched CAM pass in eval mode)."""
         c = self.config
+        amp = trainer.amp if c.cam_amp is None else c.cam_amp
         return part_masks(trainer.model, images, c.cam_layer, c.cam_method, c.cam_recipe,
-                          amp=trainer.amp).to(torch.uint8)
+                          amp=None if amp == "none" else amp).to(torch.uint8)
 
     def _ensure_cache(self, masks: Tensor) -> None:
         if self.cache is None:
