@@ -65,9 +65,9 @@ class APGD(Attack):
     def __init__(self, model: nn.Module, eps: float = 8 / 255, steps: int = 100, norm: str = "linf", loss="ce",
                  restarts: int = 1, generator=None, *, rho: float = 0.75, momentum: float = 0.75,
                  random_start: bool = True, record_history: bool = False, amp: str | None = None,
-                 channels_last: bool | None = None, lo: float = 0.0, hi: float = 1.0) -> None:
+                 channels_last: bool | None = None, fold_bn: bool = True, lo: float = 0.0, hi: float = 1.0) -> None:
         super().__init__(model, eps=eps, norm=norm, generator=generator, amp=amp, channels_last=channels_last,
-                         lo=lo, hi=hi)
+                         fold_bn=fold_bn, lo=lo, hi=hi)
         owner = type(self).__name__
         self.steps = _checks.integer(owner, "steps", steps, minimum=1)
         self.restarts = _checks.integer(owner, "restarts", restarts, minimum=1)

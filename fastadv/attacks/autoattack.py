@@ -58,9 +58,10 @@ class AutoAttack(Attack):
     def __init__(self, model: nn.Module, norm: str = "linf", eps: float = 8 / 255, version: str = "standard", *,
                  attacks=None, generator=None, apgd_steps: int = 100, n_target_classes: int = 9,
                  fab_steps: int = 100, square_queries: int = 5000, square_p_init: float = 0.8,
-                 amp: str | None = None, channels_last: bool | None = None, lo: float = 0.0, hi: float = 1.0) -> None:
+                 amp: str | None = None, channels_last: bool | None = None,
+                 fold_bn: bool = True, lo: float = 0.0, hi: float = 1.0) -> None:
         super().__init__(model, eps=eps, norm=norm, generator=generator, amp=amp, channels_last=channels_last,
-                         lo=lo, hi=hi)
+                         fold_bn=fold_bn, lo=lo, hi=hi)
         owner = type(self).__name__
         self.version = _checks.choice(owner, "version", version, VERSIONS)
         if version == "standard":
@@ -73,7 +74,7 @@ class AutoAttack(Attack):
             names = tuple(attacks)
             for a in names:
                 _checks.choice(owner, "attacks", a, KNOWN)
-        common = dict(generator=self.generator, amp=amp, channels_last=channels_last, lo=lo, hi=hi)
+        common = dict(generator=self.generator, amp=amp, channels_last=channels_last, fold_bn=fold_bn, lo=lo, hi=hi)
         build = {
             "apgd-ce": lambda: APGD(model, eps=eps, steps=apgd_steps, norm=norm, loss="ce", restarts=1, **common),
             "apgd-dlr": lambda: APGD(model, eps=eps, steps=apgd_steps, norm=norm, loss="dlr", restarts=1, **common),

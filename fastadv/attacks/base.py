@@ -16,6 +16,9 @@ An attack is an object built with its hyper-parameters and called on a batch, ``
   CPU (oneDNN convolutions are faster that way) or ``amp`` is set. Results agree with the other layout up
   to float rounding in the convolutions. On CPUs with AVX-512 BF16 or AMX, ``amp="bf16"`` is the fast
   path; converting the model itself (``model.to(memory_format=torch.channels_last)``) helps further;
+* **BatchNorm folding** — ``fold_bn=True`` (the default) runs the eval-mode model with every BatchNorm that
+  follows a convolution folded into it (:mod:`fastadv.attacks.fold`): the same function up to float rounding,
+  without the normalisation's passes at each step;
 * **the updates** — every step and projection goes through :mod:`fastadv.ops`, and no step loop synchronises
   with the host: per-sample decisions (early stop, best point) are ``torch.where`` selections.
 """
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..utils import AMP_DTYPES, auto_channels_last, has_conv2d
 from . import _checks
+from .fold import eval_view
 from .losses import margin
 
 NORMS = ("linf", "l2")
@@ -108,7 +112,7 @@ class Attack(ABC):
     norms: tuple[str, ...] = NORMS
 
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "linf", generator=None, amp: str | None = None,
-                 channels_last: bool | None = None, lo: float = 0.0, hi: float = 1.0) -> None:
+                 channels_last: bool | None = None, fold_bn: bool = True, lo: float = 0.0, hi: float = 1.0) -> None:
         owner = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastadv.attacks.{owner}: `model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -119,6 +123,8 @@ class Attack(ABC):
             _checks.choice(owner, "amp", amp, tuple(AMP_DTYPES))
         self.amp = amp
         self.channels_last = None if channels_last is None else bool(channels_last)
+        self.fold_bn = bool(fold_bn)
+        self._net: nn.Module = model  # what the attack calls: the model, or its BatchNorm-folded eval view
         self._has_conv = has_conv2d(model)
         self.lo, self.hi = _checks.box(owner, lo, hi)
         self.generator = make_generator(owner, generator)
@@ -136,13 +142,17 @@ class Attack(ABC):
         if x.shape[0] == 0:
             return x.clone()
         with attack_mode(self.model), torch.enable_grad():
-            adv = self._perturb(x, y, target)
+            self._net = eval_view(self.model) if self.fold_bn else self.model
+            try:
+                adv = self._perturb(x, y, target)
+            finally:
+                self._net = self.model  # the view holds no reference between calls
         return adv.detach().contiguous(memory_format=input_layout(x_in))
 
     def config(self) -> dict:
         """The hyper-parameters, JSON-friendly (for recording which attack a number comes from)."""
         return {"attack": type(self).__name__, "eps": self.eps, "norm": self.norm, "amp": self.amp,
-                "channels_last": self.channels_last}
+                "channels_last": self.channels_last, "fold_bn": self.fold_bn}
 
     def with_eps(self, eps: float) -> Attack:
         """A shallow copy of the attack with another budget (sharing the model and the generator)."""
@@ -213,7 +223,7 @@ class Attack(ABC):
     def _logits(self, x_adv: Tensor) -> Tensor:
         """Float32 logits of the model (under autocast when ``amp`` is set)."""
         with self._autocast(x_adv):
-            out = self.model(x_adv)
+            out = self._net(x_adv)
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
             _checks.fail(type(self).__name__, "the model must return a (B, num_classes) tensor of logits")
         return out.float()

@@ -84,10 +84,10 @@ class FAB(Attack):
     def __init__(self, model: nn.Module, eps: float | None = 8 / 255, norm: str = "linf", steps: int = 100,
                  n_target_classes: int = 9, restarts: int = 1, generator=None, *, alpha_max: float = 0.1,
                  eta: float = 1.05, beta: float = 0.9, amp: str | None = None, channels_last: bool | None = None,
-                 lo: float = 0.0, hi: float = 1.0) -> None:
+                 fold_bn: bool = True, lo: float = 0.0, hi: float = 1.0) -> None:
         self.unbounded = eps is None
         super().__init__(model, eps=0.0 if eps is None else eps, norm=norm, generator=generator, amp=amp,
-                         channels_last=channels_last, lo=lo, hi=hi)
+                         channels_last=channels_last, fold_bn=fold_bn, lo=lo, hi=hi)
         owner = type(self).__name__
         self.steps = _checks.integer(owner, "steps", steps, minimum=1)
         self.n_target_classes = _checks.integer(owner, "n_target_classes", n_target_classes)

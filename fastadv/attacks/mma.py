@@ -25,14 +25,14 @@ class MMA(Attack):
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 20, k: int = 3,
                  kappa: float = 50.0, norm: str = "linf", random_start: bool = True, generator=None,
-                 amp: str | None = None, *, channels_last: bool | None = None, lo: float = 0.0,
+                 amp: str | None = None, *, channels_last: bool | None = None, fold_bn: bool = True, lo: float = 0.0,
                  hi: float = 1.0) -> None:
         super().__init__(model, eps=eps, norm=norm, generator=generator, amp=amp, channels_last=channels_last,
-                         lo=lo, hi=hi)
+                         fold_bn=fold_bn, lo=lo, hi=hi)
         self.k = _checks.integer(type(self).__name__, "k", k)
         self.pgd = PGD(model, eps=eps, alpha=alpha, steps=steps, norm=norm, loss="cw", random_start=random_start,
                        restarts=1, targeted=True, generator=self.generator, amp=amp, kappa=kappa,
-                       channels_last=channels_last, lo=lo, hi=hi)
+                       channels_last=channels_last, fold_bn=fold_bn, lo=lo, hi=hi)
 
     def config(self) -> dict:
         return {**super().config(), "alpha": self.pgd.alpha, "steps": self.pgd.steps, "k": self.k,

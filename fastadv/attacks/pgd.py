@@ -36,9 +36,9 @@ class PGD(Attack):
                  norm: str = "linf", loss="ce", random_start: bool = True, restarts: int = 1,
                  targeted: bool = False, generator=None, amp: str | None = None, *, kappa: float = 50.0,
                  target_rule="random", early_stop: bool = False, channels_last: bool | None = None,
-                 cuda_graph: bool = False, lo: float = 0.0, hi: float = 1.0) -> None:
+                 fold_bn: bool = True, cuda_graph: bool = False, lo: float = 0.0, hi: float = 1.0) -> None:
         super().__init__(model, eps=eps, norm=norm, generator=generator, amp=amp, channels_last=channels_last,
-                         lo=lo, hi=hi)
+                         fold_bn=fold_bn, lo=lo, hi=hi)
         owner = type(self).__name__
         self.alpha = _checks.real(owner, "alpha", alpha)
         self.steps = _checks.integer(owner, "steps", steps, minimum=1)
@@ -53,6 +53,8 @@ class PGD(Attack):
         self.target_rule = target_rule
         self.early_stop = bool(early_stop)
         self.cuda_graph = bool(cuda_graph)
+        if self.cuda_graph:  # a captured graph keeps the tensors it read: call the model's own parameters
+            self.fold_bn = False
         self._loss_fn = make_loss(loss, targeted=self.targeted, kappa=self.kappa)
         self._graphs: dict = {}
 

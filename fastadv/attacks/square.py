@@ -82,9 +82,10 @@ class Square(Attack):
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, norm: str = "linf", n_queries: int = 5000,
                  p_init: float = 0.8, restarts: int = 1, generator=None, *, rescale_schedule: bool = False,
-                 amp: str | None = None, channels_last: bool | None = None, lo: float = 0.0, hi: float = 1.0) -> None:
+                 amp: str | None = None, channels_last: bool | None = None,
+                 fold_bn: bool = True, lo: float = 0.0, hi: float = 1.0) -> None:
         super().__init__(model, eps=eps, norm=norm, generator=generator, amp=amp, channels_last=channels_last,
-                         lo=lo, hi=hi)
+                         fold_bn=fold_bn, lo=lo, hi=hi)
         owner = type(self).__name__
         self.n_queries = _checks.integer(owner, "n_queries", n_queries)
         self.p_init = _checks.real(owner, "p_init", p_init, allow_zero=False, maximum=1.0)

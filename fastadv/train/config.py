@@ -126,6 +126,7 @@ class TrainConfig:
     # ---- precision and layout
     amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler)
     channels_last: bool | None = None  # None: automatic (CPU, or any amp, with a Conv2d in the model)
+    fold_bn: bool = True  # attacks run the eval-mode model with BatchNorm folded into the convolutions
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False  # torch.use_deterministic_algorithms + cudnn.deterministic
 
@@ -218,8 +219,8 @@ class TrainConfig:
                 _fail(name, f"must be a dict with string keys, got {value!r}")
 
         for name in ("normalize", "augment", "drop_last", "nesterov", "sam_adaptive", "reproduce_misaligned_masks",
-                     "rrm_projection", "deterministic", "save_best", "checkpoint_frozen", "progress", "sync_batchnorm",
-                     "find_unused_parameters"):
+                     "rrm_projection", "deterministic", "save_best", "checkpoint_frozen", "fold_bn", "progress",
+                     "sync_batchnorm", "find_unused_parameters"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, f"must be True or False, got {getattr(self, name)!r}")
 

@@ -14,7 +14,7 @@ from .distributed import DistInfo, all_reduce_sum
 
 def evaluate_robustness(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, eps: float, alpha: float,
                         steps: int, norm: str = "linf", generator: torch.Generator | None = None,
-                        amp: str | None = None, channels_last: bool = False,
+                        amp: str | None = None, channels_last: bool = False, fold_bn: bool = True,
                         dist_info: DistInfo | None = None, device: torch.device | None = None) -> dict[str, float]:
     """``{"nat_acc", "pgd_acc", "n"}`` of ``model`` over ``batches`` (this rank's share); ``steps=0`` skips the
     attack (``pgd_acc`` is then NaN). The PGD attack is :class:`fastadv.attacks.PGD` with a random start drawn
@@ -25,7 +25,7 @@ def evaluate_robustness(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
         from ..attacks import PGD
 
         attack = PGD(model, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=True, generator=generator,
-                     amp=None if amp in (None, "none") else amp, channels_last=channels_last)
+                     amp=None if amp in (None, "none") else amp, channels_last=channels_last, fold_bn=fold_bn)
     dist_info = dist_info or DistInfo()
     if device is None:
         device = next(model.parameters()).device

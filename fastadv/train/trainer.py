@@ -168,10 +168,12 @@ class Trainer:
             raise TypeError(f"Trainer needs a TrainConfig, got {type(config).__name__}")
         if method is not None:
             if not isinstance(method, Method):
-                raise TypeError(f"Trainer: `method` must be a fastadv.train.methods.Method, got {type(method).__name__}")
+                raise TypeError(f"Trainer: `method` must be a fastadv.train.methods.Method, "
+                                f"got {type(method).__name__}")
             if method.name != config.method or method.config is not config:
+                other = "" if method.config is config else " built with another config"
                 raise ValueError(f"Trainer: `method` must be a {config.method!r} method built with this config "
-                                 f"(got {method.name!r}{'' if method.config is config else ' built with another config'})")
+                                 f"(got {method.name!r}{other})")
         self.config = config
         self.callbacks = list(callbacks)
         self.dist = init_distributed(config.dist_backend, config.device)
@@ -400,7 +402,8 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(c.seed + 7919 * (self.epoch + 1))
         result = evaluate_robustness(self.model, self.eval_data, eps=c.eps, alpha=c.eval_alpha,
                                      steps=c.eval_steps if steps is None else steps, norm=c.norm, generator=generator,
-                                     amp=self.amp, channels_last=self.channels_last, dist_info=self.dist,
+                                     amp=self.amp, channels_last=self.channels_last, fold_bn=c.fold_bn,
+                                     dist_info=self.dist,
                                      device=self.device)
         return {"nat_acc": result["nat_acc"], "pgd_acc": result["pgd_acc"]}
 

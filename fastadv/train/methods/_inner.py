@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ... import ops
 from ...attacks import attack_mode
+from ...attacks.fold import eval_view
 from ...utils import autocast_context
 
 # fp16 input gradients underflow on small losses; only their sign / direction is used, so the objective is
@@ -42,15 +43,17 @@ def gaussian_start(x: Tensor, std: float, generator: torch.Generator) -> Tensor:
 
 
 def ascend(model: nn.Module, x: Tensor, delta: Tensor, objective: Callable[[Tensor], Tensor], *, steps: int,
-           step: StepFn, amp: str | None = None) -> Tensor:
+           step: StepFn, amp: str | None = None, fold_bn: bool = True) -> Tensor:
     """``steps`` ascent steps on ``objective(logits of x + delta)`` (a scalar), updating ``delta`` in place with
-    ``step(delta, grad, x)``; returns ``x + delta``. Gradients flow to the input only."""
+    ``step(delta, grad, x)``; returns ``x + delta``. Gradients flow to the input only; ``fold_bn`` runs the
+    BatchNorm-folded eval view of the model (:func:`fastadv.attacks.fold.eval_view`), as the attacks do."""
     scale = FP16_LOSS_SCALE if amp == "fp16" else None
     with attack_mode(model), torch.enable_grad():
+        net = eval_view(model) if fold_bn else model
         for _ in range(steps):
             x_adv = (x + delta).requires_grad_(True)
             with autocast_context(x.device, amp):
-                logits = model(x_adv)
+                logits = net(x_adv)
             value = objective(logits.float())
             (grad,) = torch.autograd.grad(value * scale if scale else value, x_adv)
             step(delta, grad, x)

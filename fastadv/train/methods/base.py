@@ -109,7 +109,7 @@ class AdversarialMethod(Method):
 
         delta = self.start(trainer, batch.x)
         return ascend(trainer.model, batch.x, delta, self.objective(trainer, batch), steps=self.config.steps,
-                      step=step, amp=trainer.amp)
+                      step=step, amp=trainer.amp, fold_bn=self.config.fold_bn)
 
     def perturb(self, trainer: Trainer, batch: Batch) -> Tensor:
         from ._inner import plain_step

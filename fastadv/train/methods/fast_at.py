@@ -51,7 +51,8 @@ class FastAT(Method):
 
         c = self.config
         self.attack = FGSM(trainer.model, eps=c.eps, alpha=self.alpha, norm=c.norm, random_start=True,
-                           generator=trainer.attack_generator, amp=trainer.amp, channels_last=trainer.channels_last)
+                           generator=trainer.attack_generator, amp=trainer.amp, channels_last=trainer.channels_last,
+                           fold_bn=c.fold_bn)
         self._amp, self._device, self._channels_last = trainer.amp, trainer.device, trainer.channels_last
         if self.evaluator is None:
             self.evaluator = self.pgd_accuracy
@@ -70,7 +71,8 @@ class FastAT(Method):
         c = self.config
         generator = torch.Generator(device=self._device).manual_seed(c.seed + 17)
         return evaluate_robustness(model, [(x, y)], eps=c.eps, alpha=c.eval_alpha, steps=c.co_steps, norm=c.norm,
-                                   generator=generator, amp=self._amp, channels_last=self._channels_last)["pgd_acc"]
+                                   generator=generator, amp=self._amp, channels_last=self._channels_last,
+                                   fold_bn=c.fold_bn)["pgd_acc"]
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict[str, Any]) -> None:
         c = self.config

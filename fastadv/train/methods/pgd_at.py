@@ -28,7 +28,7 @@ class PGDAT(AdversarialMethod):
         c = self.config
         self.attack = PGD(trainer.model, eps=c.eps, alpha=c.alpha, steps=c.steps, norm=c.norm, loss="ce",
                           random_start=True, generator=trainer.attack_generator, amp=trainer.amp,
-                          channels_last=trainer.channels_last)
+                          channels_last=trainer.channels_last, fold_bn=c.fold_bn)
 
     def perturb(self, trainer: Trainer, batch: Batch) -> Tensor:
         return self.attack(batch.x, batch.y)

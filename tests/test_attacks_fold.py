@@ -1,0 +1,177 @@
+"""BatchNorm folding for attacks (fastadv.attacks.fold): the folded eval view computes the model's eval-mode
+function and input gradients, follows weight updates and module replacement, and steps aside for models it
+must not touch (no BatchNorm, hooks, untraceable control flow, batch statistics, a convolution output used
+twice)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastadv.attacks import PGD
+from fastadv.attacks.fold import FoldedConv2d, eval_view
+from fastadv.models import create_model, with_normalization
+from fastadv.train import TrainConfig, Trainer
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so that folding has something to fold."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.eps = 0.1  # large enough that a fold without it would be visibly wrong
+    return model.eval()
+
+
+def _folded(view: nn.Module) -> int:
+    return sum(isinstance(m, FoldedConv2d) for m in view.modules())
+
+
+def _output_and_input_grad(net: nn.Module, x: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    out = net(x)
+    (grad,) = torch.autograd.grad(out.logsumexp(1).sum(), x)
+    return out.detach(), grad
+
+
+@pytest.mark.parametrize("name, kwargs, pairs", [
+    ("small_cnn", {"width": 4}, 5),
+    ("resnet18", {"width": 4}, 20),
+    ("vgg11", {}, 8),
+    ("preact_resnet18", {}, 3),  # pre-activation: BatchNorm mostly comes before the convolution
+])
+def test_view_equals_the_eval_model_in_values_and_input_gradients(name, kwargs, pairs):
+    torch.manual_seed(0)
+    model = _randomise_bn(with_normalization(create_model(name, num_classes=10, **kwargs), (0.5,) * 3, (0.25,) * 3))
+    view = eval_view(model)
+    assert view is not model and _folded(view) >= pairs
+    x = torch.rand(4, 3, 32, 32)
+    out, grad = _output_and_input_grad(model, x)
+    out_v, grad_v = _output_and_input_grad(view, x)
+    torch.testing.assert_close(out_v, out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_v, grad, rtol=1e-3, atol=1e-6)
+    # the view shares every other module with the model and owns no parameters of its own
+    assert not any(p.requires_grad for m in view.modules() if isinstance(m, FoldedConv2d)
+                   for p in (m.weight, m.bias))
+
+
+def test_view_follows_weight_updates_layout_changes_and_module_replacement():
+    torch.manual_seed(1)
+    model = _randomise_bn(create_model("small_cnn", num_classes=10, width=4))
+    x = torch.rand(3, 3, 32, 32)
+    view = eval_view(model)
+    with torch.no_grad():
+        model.block1[0].weight.mul_(1.5)
+        model.block2[1].running_mean.add_(0.2)
+    view = eval_view(model)
+    torch.testing.assert_close(view(x), model(x), rtol=1e-4, atol=1e-5)
+
+    model.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(eval_view(model)(x), model(x), rtol=1e-4, atol=1e-5)
+
+    replacement = _randomise_bn(nn.BatchNorm2d(model.block1[1].num_features), seed=5)
+    model.block1[1] = replacement  # e.g. SyncBatchNorm conversion swaps modules: the view is rebuilt
+    view = eval_view(model)
+    torch.testing.assert_close(view(x), model(x), rtol=1e-4, atol=1e-5)
+    assert any(m.bn is replacement for m in view.modules() if isinstance(m, FoldedConv2d))
+
+
+def test_models_the_view_must_not_touch_are_returned_as_they_are():
+    class Counting(nn.Module):  # Python state in forward: must not be traced
+        def __init__(self):
+            super().__init__()
+            self.conv, self.calls = nn.Conv2d(3, 4, 3), 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.conv(x).mean((2, 3))
+
+    counting = Counting()
+    assert eval_view(counting) is counting and counting.calls == 0
+
+    class Branchy(nn.Module):  # data-dependent control flow: not traceable
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            h = self.bn(self.conv(x))
+            return h.mean((2, 3)) if h.sum() > 0 else -h.mean((2, 3))
+
+    branchy = Branchy().eval()
+    assert eval_view(branchy) is branchy
+
+    class Reused(nn.Module):  # the convolution's output also feeds a residual: folding would change it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return (self.bn(h) + h).mean((2, 3))
+
+    reused = _randomise_bn(Reused())
+    assert eval_view(reused) is reused
+
+    batch_stats = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten())
+    assert eval_view(batch_stats.eval()) is batch_stats
+
+    hooked = _randomise_bn(create_model("small_cnn", num_classes=10, width=4))
+    calls = []
+    handle = hooked.register_forward_hook(lambda *args: calls.append(1))
+    assert eval_view(hooked) is hooked
+    handle.remove()
+    assert eval_view(hooked) is not hooked
+
+
+def test_building_the_view_leaves_the_model_mode_as_it_was():
+    model = create_model("small_cnn", num_classes=10, width=4)
+    model.train()
+    model.block2.eval()
+    eval_view(model)
+    assert model.training and not model.block2.training and model.block1.training
+
+
+def test_attacks_with_and_without_folding_agree():
+    torch.manual_seed(2)
+    model = _randomise_bn(create_model("resnet18", num_classes=10, width=4))
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    # L2 steps follow the gradient's direction, not its sign: the two runs stay close throughout
+    a = PGD(model, eps=0.5, alpha=0.1, steps=5, norm="l2", random_start=False)(x, y)
+    b = PGD(model, eps=0.5, alpha=0.1, steps=5, norm="l2", random_start=False, fold_bn=False)(x, y)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    assert PGD(model, fold_bn=False).config()["fold_bn"] is False
+    assert PGD(model, cuda_graph=True).fold_bn is False  # a captured graph reads the model's own tensors
+
+
+def test_training_config_switches_folding_off():
+    config = TrainConfig(method="pgd_at", model="small_cnn", model_kwargs={"width": 4}, dataset="digits",
+                         train_subset=16, eval_subset=0, batch_size=8, epochs=1, steps=1, progress=False,
+                         out_dir=None, fold_bn=False)
+    trainer = Trainer(config)
+    try:
+        assert trainer.method.attack.fold_bn is False
+    finally:
+        trainer.close()
+    with pytest.raises(ValueError, match="fold_bn"):
+        TrainConfig(fold_bn="no")
+
+
+def test_trades_inner_loop_runs_the_folded_view():
+    from fastadv.train.methods._inner import ascend, plain_step
+
+    torch.manual_seed(3)
+    model = _randomise_bn(create_model("small_cnn", num_classes=10, width=4))
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    objective = lambda logits: F.cross_entropy(logits, y, reduction="sum")  # noqa: E731
+    step = plain_step(0.5, 0.1, "l2")
+    a = ascend(model, x, torch.zeros_like(x), objective, steps=3, step=step)
+    b = ascend(model, x, torch.zeros_like(x), objective, steps=3, step=step, fold_bn=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
