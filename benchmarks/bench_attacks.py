@@ -250,7 +250,8 @@ def main(argv=None) -> int:
             "AutoAttack(version='standard') builds APGD, APGD-T and FAB with their 10-step defaults, not the "
             "paper's 100; fastadv runs 100.",
             "'fastadv' is the default configuration (fp32; channels-last inputs, automatic on the CPU for conv "
-            "models); 'fastadv_contiguous' forces the NCHW layout; 'fastadv_bf16' adds amp='bf16'.",
+            "models; eval-mode BatchNorm folded into the convolutions, fold_bn=True); 'fastadv_contiguous' forces "
+            "the NCHW layout; 'fastadv_bf16' adds amp='bf16'.",
             "'eager' keeps the model's parameters trainable as most codebases do; 'eager_frozen_params' "
             "freezes them, isolating what the fused step adds.",
             "images_per_s = batch size / median CPU time per batch (one torch thread: CPU time is the attack's "

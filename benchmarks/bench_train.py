@@ -261,7 +261,8 @@ def bench_pgd_at(args) -> dict:
     m, o, xw, yw = textbook_setup(warm, train)
     textbook_pgd_at_epoch(m, o, xw, yw, steps=1)
 
-    nchw_config = dataclasses.replace(config, channels_last=False)
+    no_fold_config = dataclasses.replace(config, fold_bn=False)
+    plain_config = dataclasses.replace(config, channels_last=False, fold_bn=False)
     info = {}
 
     def run_trainer(cfg):
@@ -283,12 +284,12 @@ def bench_pgd_at(args) -> dict:
 
     # Round-robin with the order rotated every round, so that load from other jobs on the shared machine
     # spreads over the three sides; the speed-up is the median of the per-round ratios.
-    sides = {"fastadv": lambda r: run_trainer(config), "nchw": lambda r: run_trainer(nchw_config),
-             "textbook": run_textbook}
+    sides = {"fastadv": lambda r: run_trainer(config), "no_fold": lambda r: run_trainer(no_fold_config),
+             "plain": lambda r: run_trainer(plain_config), "textbook": run_textbook}
     rows = {name: {"cpu": [], "wall": [], "loss": []} for name in sides}
     names = list(sides)
     for r in range(args.train_repeats):
-        for name in names[r % 3:] + names[:r % 3]:
+        for name in names[r % len(names):] + names[:r % len(names)]:
             loss, c, w = sides[name](r)
             rows[name]["cpu"].append(c)
             rows[name]["wall"].append(w)
@@ -298,11 +299,12 @@ def bench_pgd_at(args) -> dict:
     def ratio(slow: str, fast: str, which: str = clock) -> float:
         return statistics.median(a / b for a, b in zip(rows[slow][which], rows[fast][which]))
 
-    fa_row, tb_row, nc_row = (_row(rows[k]["cpu"], rows[k]["wall"]) for k in ("fastadv", "textbook", "nchw"))
-    fa_row["train_loss"], tb_row["train_loss"], nc_row["train_loss"] = (rows[k]["loss"] for k in
-                                                                        ("fastadv", "textbook", "nchw"))
-    fa_row["memory_format"] = info["layout"]
-    nc_row["speedup"] = ratio("textbook", "nchw")
+    out = {k: _row(rows[k]["cpu"], rows[k]["wall"]) for k in sides}
+    for k in sides:
+        out[k]["train_loss"] = rows[k]["loss"]
+        if k != "textbook":
+            out[k]["speedup"] = ratio("textbook", k)
+    out["fastadv"]["memory_format"] = info["layout"]
     n = info["n"]
     return {
         "model": "fastadv small_cnn (width 16), the same initial weights on both sides (seed "
@@ -314,9 +316,10 @@ def bench_pgd_at(args) -> dict:
                   "a natural-accuracy evaluation of 1 held-out image (eval_subset=1, eval_steps=0). textbook: "
                   "the epoch loop, torchattacks.PGD built once per epoch. The three sides run round-robin, the "
                   "order rotated every round; speedup = median over rounds of the per-round time ratio.",
-        "fastadv_trainer": fa_row,
-        "fastadv_trainer_channels_last_off": nc_row,
-        "textbook_torchattacks": tb_row,
+        "fastadv_trainer": out["fastadv"],
+        "fastadv_trainer_fold_bn_off": out["no_fold"],
+        "fastadv_trainer_channels_last_and_fold_bn_off": out["plain"],
+        "textbook_torchattacks": out["textbook"],
         "speedup": ratio("textbook", "fastadv"),
         "speedup_wall": ratio("textbook", "fastadv", "wall"),
     }
@@ -355,8 +358,9 @@ def main(argv=None) -> int:
              "torch thread (the work done, robust to other processes), else the wall clock; speedup_wall always "
              "uses the wall clock."),
             ("fastadv runs with its defaults: on the CPU, batches of a convolutional network go channels-last "
-             "(TrainConfig.channels_last=None, compute_cam(channels_last=None)); fastadv_trainer_channels_last_off "
-             "shows the same trainer without it. fastadv_bf16 computes the CAM pass under bf16 autocast "
+             "(TrainConfig.channels_last=None, compute_cam(channels_last=None)), and attacks fold eval-mode "
+             "BatchNorm into the convolutions (TrainConfig.fold_bn=True); the fastadv_trainer_*_off rows show the "
+             "same trainer without them. fastadv_bf16 computes the CAM pass under bf16 autocast "
              "(compute_cam(amp='bf16')), with its own pixel agreement."),
         ],
     }
