@@ -62,6 +62,22 @@ def test_view_equals_the_eval_model_in_values_and_input_gradients(name, kwargs, 
                    for p in (m.weight, m.bias))
 
 
+def test_lmvp_model_is_folded_through_its_frozen_source_only():
+    from fastadv.prompting import LMVPModel, VisualPrompt
+
+    torch.manual_seed(4)
+    source = _randomise_bn(create_model("small_cnn", num_classes=12, width=4))
+    prompt = VisualPrompt("tarp", out_size=32, image_size=16, rescale=24, generator=0)
+    model = LMVPModel(source, prompt, "linear", n_target=10, n_source=12).eval()  # the mapping checks shapes
+    view = eval_view(model)
+    assert view is not model and _folded(view) == 5
+    x = torch.rand(3, 3, 16, 16)
+    out, grad = _output_and_input_grad(model, x)
+    out_v, grad_v = _output_and_input_grad(view, x)
+    torch.testing.assert_close(out_v, out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_v, grad, rtol=1e-3, atol=1e-6)
+
+
 def test_view_follows_weight_updates_layout_changes_and_module_replacement():
     torch.manual_seed(1)
     model = _randomise_bn(create_model("small_cnn", num_classes=10, width=4))

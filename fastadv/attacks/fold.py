@@ -83,22 +83,32 @@ def _structure(model: nn.Module) -> tuple:
 
 
 class _Tracer(torch.fx.Tracer):
-    """Traces only through containers: a module without children (a convolution, a BatchNorm, an input
-    normalisation that validates shapes, a custom activation) is called as it is, never traced into."""
+    """Traces only through the containers that hold a convolution and a BatchNorm: every other module (a
+    convolution or BatchNorm itself, an input normalisation or a label mapping that validates shapes, a head)
+    is called as it is, never traced into."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.containers = {id(m) for m in model.modules()
+                           if next(m.children(), None) is not None and _holds_conv_and_bn(m)}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return next(m.children(), None) is None or super().is_leaf_module(m, module_qualified_name)
+        return id(m) not in self.containers
+
+
+def _holds_conv_and_bn(model: nn.Module) -> bool:
+    kinds = {type(m) for m in model.modules()}
+    return nn.Conv2d in kinds and nn.BatchNorm2d in kinds
 
 
 def _build_view(model: nn.Module) -> _View:
     structure = _structure(model)
-    kinds = {type(m) for m in model.modules()}
-    if nn.Conv2d not in kinds or nn.BatchNorm2d not in kinds:  # nothing to fold: do not even trace
+    if not _holds_conv_and_bn(model):  # nothing to fold: do not even trace
         return _View(None, [], structure)
     was_training = [(m, m.training) for m in model.modules()]
     try:
         model.eval()  # branches on self.training are traced as the attack runs them
-        graph_module = torch.fx.GraphModule(model, _Tracer().trace(model))
+        graph_module = torch.fx.GraphModule(model, _Tracer(model).trace(model))
     except Exception:  # noqa: BLE001 — untraceable models (data-dependent control flow) are used unfolded
         return _View(None, [], structure)
     finally:
