@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark as tbench
 
 import fastadv.ops as ops
+from benchmarks._common import write_report
 
 EPS, ALPHA = 8 / 255, 2 / 255
 SIZES = {"cifar": (512, 3, 32, 32), "imagenet": (64, 3, 224, 224)}
@@ -188,10 +189,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     report = run(args.device, not args.no_compile, args.min_run_time, args.ops, args.sizes)
     if args.out:
-        from pathlib import Path
-
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_report(report, args.out)
     return 0
 
 

@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from benchmarks._common import add_threads_option, apply_threads, cpu_name
+from benchmarks._common import add_threads_option, apply_threads, cpu_name, write_report
 
 from fastadv.privacy import rmia_scores, roc_metrics
 
@@ -316,12 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rmia": bench_rmia(*rmia_size, repeats=max(3, args.repeats // 3)),
         "load_average_at_end": list(os.getloadavg()),
     }
-    out_dir = os.path.dirname(args.out)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2)
-        fh.write("\n")
+    write_report(result, args.out)
     for entry in result["roc_metrics"]:
         print(
             f"roc_metrics {entry['n_members']}/{entry['n_nonmembers']}: {entry['roc_metrics_median_s'] * 1e3:.2f} ms; "

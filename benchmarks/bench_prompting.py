@@ -33,7 +33,6 @@ backward of the canvas construction alone, ``prompt_pad`` vs the op-by-op constr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -41,7 +40,7 @@ import time
 
 import torch
 
-from benchmarks._common import add_threads_option, apply_threads, cpu_name
+from benchmarks._common import add_threads_option, apply_threads, cpu_name, write_report
 import torch.nn.functional as F
 from torch import nn
 
@@ -274,12 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_end": list(os.getloadavg()),
     }
     result["wall_time_s"] = time.perf_counter() - started
-    out_dir = os.path.dirname(args.out)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2)
-        fh.write("\n")
+    write_report(result, args.out)
     for entry in result["training_steps"]:
         cfg = entry["configs"]
         print(f"[{entry['geometry']}] batch {entry['batch_size']}: "

@@ -8,6 +8,7 @@ closure) and the LR schedule, and returns the detached ``(loss, logits)``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from ..trainer import Trainer
 
 
-class Method:
+class Method(ABC):
     """Base class of the training methods.
 
     Subclasses set :attr:`name` and implement :meth:`loss` (and usually :meth:`perturb`). Methods whose outer
@@ -59,9 +60,9 @@ class Method:
         """The inner maximisation: the inputs the outer loss trains on (``None``: natural images only)."""
         return None
 
+    @abstractmethod
     def loss(self, net: nn.Module, batch: Batch, x_adv: Tensor | None) -> tuple[Tensor, Tensor]:
         """The outer loss (a scalar) and the logits whose accuracy is logged."""
-        raise NotImplementedError
 
     def train_batch(self, trainer: Trainer, batch: Batch) -> tuple[Tensor, Tensor]:
         x_adv = self.perturb(trainer, batch)

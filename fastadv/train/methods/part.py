@@ -101,9 +101,8 @@ class PART(Method):
     def compute_masks(self, trainer: Trainer, images: Tensor) -> Tensor:
         """``uint8`` masks of ``images`` from the current model (one batched CAM pass in eval mode)."""
         c = self.config
-        amp = trainer.amp if c.cam_amp is None else c.cam_amp
         return part_masks(trainer.model, images, c.cam_layer, c.cam_method, c.cam_recipe,
-                          amp=None if amp == "none" else amp).to(torch.uint8)
+                          amp=trainer.amp if c.cam_amp is None else c.cam_amp).to(torch.uint8)
 
     def _ensure_cache(self, masks: Tensor) -> None:
         if self.cache is None:
