@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -94,14 +93,14 @@ def _resume_config(out_dir: str, case: str, **kw) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _worker(rank: int, port: int, out_dir: str, data) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
+def _worker(rank: int, rendezvous: str, out_dir: str, data) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    # Started here, so the trainers below join this group and leave it running for the next run.
-    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=WORLD)
+    # Started here, so the trainers below join this group and leave it running for the next run. A file
+    # rendezvous, not a TCP port: a port picked free by the parent can be taken before rank 0 binds it.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
         x, y, xt, yt = data
         result = train(_config(out_dir + "/standard", PER_RANK_BATCH), model=_seeded_model(), train_set=(x, y),
@@ -125,14 +124,10 @@ def _worker(rank: int, port: int, out_dir: str, data) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _spawn(out_dir: Path, data, timeout: float = 150.0) -> None:
-    context = mp.start_processes(_worker, args=(_free_port(), str(out_dir), data), nprocs=WORLD, join=False,
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rendezvous = out_dir / "rendezvous"
+    context = mp.start_processes(_worker, args=(str(rendezvous), str(out_dir), data), nprocs=WORLD, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + timeout
     try:
