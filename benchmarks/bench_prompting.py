@@ -16,13 +16,15 @@ frozen), label mapping, cross-entropy, backward to the prompt and mapping, optim
   ``+ tanh(W) * mask``; ``ilm``: ``F.pad`` → ``+ sigmoid(θ) * mask`` → normalise), float32, NCHW. Its mask and
   statistics are built once on the device (the reference code's CPU-built canvas and per-batch model copies
   are *not* reproduced: only the op-by-op construction is);
-* ``fastadv_fp32``: :class:`fastadv.prompting.LMVPModel` (one fused ``prompt_pad``), float32, NCHW — the
-  difference to ``reference`` is the canvas alone;
+* ``fastadv_fp32_nofold``: :class:`fastadv.prompting.LMVPModel` (one fused ``prompt_pad``) with
+  ``fold_bn=False``, float32, NCHW — the difference to ``reference`` is the canvas alone;
+* ``fastadv_fp32``: the same with the default ``fold_bn=True`` (the frozen source's BatchNorms folded into its
+  convolutions);
 * ``fastadv_fp32_cl``: the same with ``channels_last`` — what ``train_lmvp`` runs by default on the CPU
   (``LMVPConfig.channels_last=None``: channels-last for a convolutional source on the CPU);
 * ``fastadv_bf16_cl``: ``channels_last`` and bf16 autocast of the source network (``amp="bf16"``);
 * ``reference_bf16_cl``: the reference module with the same two options, to separate what the options
-  give from what the fused canvas gives.
+  give from what the fused canvas and the folding give.
 
 The configurations are timed interleaved (round-robin, after warm-up steps), so that load from other jobs on
 a shared machine spreads over all of them; the JSON has every step time, their medians, and speed-ups taken
@@ -121,14 +123,15 @@ def make_source(channels_last: bool, state: dict | None = None) -> nn.Module:
 def build_configs(geometry: str, sources: dict[bool, nn.Module]) -> dict[str, tuple[nn.Module, str | None]]:
     """``{name: (model, amp)}`` for the configurations in the module docstring."""
 
-    def ours(channels_last: bool) -> nn.Module:
+    def ours(channels_last: bool, fold_bn: bool = True) -> nn.Module:
         prompt = VisualPrompt(geometry, out_size=224, image_size=32, rescale=192)
         model = LMVPModel(sources[channels_last], prompt, "linear", n_target=N_TARGET, n_source=1000,
-                          channels_last=channels_last)
+                          channels_last=channels_last, fold_bn=fold_bn)
         return model
 
     return {
         "reference": (ReferenceLMVP(sources[False], geometry), None),
+        "fastadv_fp32_nofold": (ours(False, fold_bn=False), None),
         "fastadv_fp32": (ours(False), None),
         "fastadv_fp32_cl": (ours(True), None),
         "fastadv_bf16_cl": (ours(True), "bf16"),

@@ -62,13 +62,20 @@ def test_view_equals_the_eval_model_in_values_and_input_gradients(name, kwargs, 
                    for p in (m.weight, m.bias))
 
 
-def test_lmvp_model_is_folded_through_its_frozen_source_only():
+def _lmvp_pair(seed: int = 4):
+    """Two LM-VP models over one frozen source and one prompt: folding on (the default) and off."""
     from fastadv.prompting import LMVPModel, VisualPrompt
 
-    torch.manual_seed(4)
+    torch.manual_seed(seed)
     source = _randomise_bn(create_model("small_cnn", num_classes=12, width=4))
     prompt = VisualPrompt("tarp", out_size=32, image_size=16, rescale=24, generator=0)
-    model = LMVPModel(source, prompt, "linear", n_target=10, n_source=12).eval()  # the mapping checks shapes
+    folded = LMVPModel(source, prompt, "linear", n_target=10, n_source=12)  # the mapping checks shapes
+    plain = LMVPModel(source, prompt, folded.mapping, fold_bn=False)
+    return folded.eval(), plain.eval()
+
+
+def test_lmvp_model_without_fold_bn_is_folded_by_the_attack_through_its_frozen_source_only():
+    _, model = _lmvp_pair()
     view = eval_view(model)
     assert view is not model and _folded(view) == 5
     x = torch.rand(3, 3, 16, 16)
@@ -76,6 +83,90 @@ def test_lmvp_model_is_folded_through_its_frozen_source_only():
     out_v, grad_v = _output_and_input_grad(view, x)
     torch.testing.assert_close(out_v, out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad_v, grad, rtol=1e-3, atol=1e-6)
+
+
+def test_lmvp_model_folds_its_source_itself_in_training_and_attacks(monkeypatch):
+    folded, plain = _lmvp_pair()
+    x = torch.rand(3, 3, 16, 16)
+    y = torch.tensor([1, 4, 7])
+    # The attack engine calls a self-folding model as it is: no second folded copy of the source.
+    assert eval_view(folded) is folded
+    calls = []
+    real_batch_norm = F.batch_norm
+    monkeypatch.setattr(F, "batch_norm", lambda *a, **k: calls.append(1) or real_batch_norm(*a, **k))
+    for mode in ("train", "eval"):  # the wrapper's mode never reaches the frozen source
+        getattr(folded, mode)() if mode == "eval" else folded.train()
+        getattr(plain, mode)() if mode == "eval" else plain.train()
+        calls.clear()
+        out, grad = _output_and_input_grad(folded, x)
+        assert not calls  # every BatchNorm of the source was folded away
+        out_p, grad_p = _output_and_input_grad(plain, x)
+        assert len(calls) == 5
+        torch.testing.assert_close(out, out_p, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad, grad_p, rtol=1e-3, atol=1e-6)
+    # the prompt's gradient (what LM-VP training follows) is the same, and the source gets none
+    grads = []
+    for model in (folded, plain):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        grads.append(model.prompt.prompt.grad.clone())
+        assert all(p.grad is None for p in model.source.parameters())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-7)
+    adv = [PGD(m, eps=8 / 255, alpha=2 / 255, steps=3, random_start=False)(x, y) for m in (folded, plain)]
+    torch.testing.assert_close(adv[0], adv[1], rtol=0, atol=1e-6)
+
+
+def test_lmvp_fold_follows_new_source_weights_and_layout_and_steps_aside_for_fx():
+    folded, plain = _lmvp_pair()
+    x = torch.rand(2, 3, 16, 16)
+    folded(x)
+    state = {k: v * 1.3 if k.endswith(("weight", "running_var")) else v
+             for k, v in folded.source.state_dict().items()}
+    folded.source.load_state_dict(state)  # in place: copy_ bumps the version counters
+    torch.testing.assert_close(folded(x), plain(x), rtol=1e-4, atol=1e-5)
+    folded.source.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(folded(x), plain(x), rtol=1e-4, atol=1e-5)
+    # symbolic tracing of the LM-VP model sees the source's own modules (no call into an outside view);
+    # the prompt and the mapping check shapes, so they stay leaves
+    from fastadv.prompting import LabelMapping, VisualPrompt
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, (VisualPrompt, LabelMapping)) or super().is_leaf_module(m, name)
+
+    traced = torch.fx.GraphModule(folded, Tracer().trace(folded))
+    assert any(n.op == "call_module" and n.target.startswith("source.") for n in traced.graph.nodes)
+    torch.testing.assert_close(traced(x), plain(x), rtol=1e-4, atol=1e-5)
+    # switching folding off rebuilds the attack's view, which then folds through the source itself
+    folded.fold_bn = False
+    assert _folded(eval_view(folded)) == 5
+
+
+def test_on_change_refresh_skips_unchanged_weights_and_always_refresh_does_not():
+    torch.manual_seed(2)
+    model = _randomise_bn(create_model("small_cnn", num_classes=10, width=4))
+    x = torch.rand(2, 3, 32, 32)
+    eval_view(model)
+    conv = model.block1[0]
+    conv.weight.data.mul_(2.0)  # through .data: no version bump, so "on_change" cannot see it
+    stale = eval_view(model, refresh="on_change")(x)
+    assert not torch.allclose(stale, model(x), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(eval_view(model)(x), model(x), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        conv.weight.mul_(0.5)  # in place on the parameter: seen
+    torch.testing.assert_close(eval_view(model, refresh="on_change")(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="refresh"):
+        eval_view(model, refresh="sometimes")
+
+
+def test_lmvp_fold_bn_must_be_a_bool():
+    from fastadv.prompting import LMVPConfig, LMVPModel
+
+    with pytest.raises(ValueError, match="fold_bn"):
+        LMVPModel(create_model("small_cnn", num_classes=12, width=4), "tarp", "rlm", n_target=10, n_source=12,
+                  fold_bn=1)
+    with pytest.raises(ValueError, match="fold_bn"):
+        LMVPConfig(fold_bn="yes")
 
 
 def test_view_follows_weight_updates_layout_changes_and_module_replacement():

@@ -34,10 +34,26 @@ class FoldedConv2d(nn.Module):
         self.__dict__["conv"], self.__dict__["bn"] = conv, bn
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
+        self._stamp: tuple | None = None
+
+    def _source_stamp(self) -> tuple:
+        """Where the six source tensors live and how often they were modified in place (autograd's version
+        counter): it changes on ``copy_``/``load_state_dict``, optimiser steps, running-statistics updates,
+        ``.to()`` and re-assignment — not on writes through ``.data``, which bypass the counter."""
+        conv, bn = self.conv, self.bn
+        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        return (bn.eps, *((t.data_ptr(), t._version, t.dtype, t.stride()) if t is not None else None
+                          for t in tensors))
 
     @torch.no_grad()
-    def refresh(self) -> None:
+    def refresh(self, only_if_changed: bool = False) -> None:
+        """Re-read the folded weight and bias from ``conv`` and ``bn``; with ``only_if_changed``, skip the work
+        when none of their tensors was replaced or modified in place since the last refresh."""
         conv, bn = self.conv, self.bn
+        stamp = self._source_stamp()
+        if only_if_changed and stamp == self._stamp:
+            return
+        self._stamp = stamp
         scale = torch.rsqrt(bn.running_var + bn.eps)
         if bn.weight is not None:
             scale = scale * bn.weight
@@ -78,8 +94,9 @@ _VIEWS: weakref.WeakKeyDictionary[nn.Module, _View] = weakref.WeakKeyDictionary(
 
 
 def _structure(model: nn.Module) -> tuple:
-    """Which modules the model is made of: a view is rebuilt when one is replaced (e.g. SyncBatchNorm)."""
-    return tuple(map(id, model.modules()))
+    """Which modules the model is made of, and which fold themselves: a view is rebuilt when a module is
+    replaced (e.g. SyncBatchNorm conversion) or an LM-VP model's ``fold_bn`` is switched."""
+    return tuple((id(m), _folds_itself(m)) for m in model.modules())
 
 
 class _Tracer(torch.fx.Tracer):
@@ -89,21 +106,33 @@ class _Tracer(torch.fx.Tracer):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.containers = {id(m) for m in model.modules()
-                           if next(m.children(), None) is not None and _holds_conv_and_bn(m)}
+        self.containers = {id(m) for m in model.modules() if next(m.children(), None) is not None
+                           and not _folds_itself(m) and _holds_conv_and_bn(m)}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return id(m) not in self.containers
 
 
+def _folds_itself(model: nn.Module) -> bool:
+    """A module that folds its own BatchNorms (``folds_bn_itself``, e.g. an LM-VP model over its frozen source)
+    is called as it is: a second folded copy of its weights would only cost memory."""
+    return bool(getattr(model, "folds_bn_itself", False))
+
+
 def _holds_conv_and_bn(model: nn.Module) -> bool:
-    kinds = {type(m) for m in model.modules()}
+    kinds = set()
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        kinds.add(type(module))
+        if module is model or not _folds_itself(module):
+            stack.extend(module.children())
     return nn.Conv2d in kinds and nn.BatchNorm2d in kinds
 
 
 def _build_view(model: nn.Module) -> _View:
     structure = _structure(model)
-    if not _holds_conv_and_bn(model):  # nothing to fold: do not even trace
+    if _folds_itself(model) or not _holds_conv_and_bn(model):  # nothing to fold here: do not even trace
         return _View(None, [], structure)
     was_training = [(m, m.training) for m in model.modules()]
     try:
@@ -152,10 +181,17 @@ def _has_hooks(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def eval_view(model: nn.Module) -> nn.Module:
+def eval_view(model: nn.Module, *, refresh: str = "always") -> nn.Module:
     """``model`` in eval mode with its convolution–BatchNorm pairs folded, refreshed from the current weights;
     ``model`` itself when nothing can be folded or the model has hooks. Call it in eval mode, once per attack
-    (not per step)."""
+    (not per step).
+
+    ``refresh``: ``"always"`` recomputes every folded weight (a pass over the convolution weights: cheap next to
+    an attack); ``"on_change"`` only those whose convolution or BatchNorm tensors were replaced or modified in
+    place since (see :meth:`FoldedConv2d._source_stamp`): for a frozen network called at every training step.
+    """
+    if refresh not in ("always", "on_change"):
+        raise ValueError(f"eval_view: `refresh` must be 'always' or 'on_change', got {refresh!r}")
     if _has_hooks(model):
         return model
     view = _VIEWS.get(model)
@@ -164,8 +200,24 @@ def eval_view(model: nn.Module) -> nn.Module:
     if view.module is None:
         return model
     for fused in view.folded:
-        fused.refresh()
+        fused.refresh(only_if_changed=refresh == "on_change")
     return view.module
 
 
-__all__ = ["FoldedConv2d", "eval_view"]
+def _tracing() -> bool:
+    symbolic = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None)
+    return bool(symbolic() if symbolic is not None else torch.fx._symbolic_trace.is_fx_tracing()) or \
+        torch.compiler.is_compiling()
+
+
+def frozen_eval_view(model: nn.Module) -> nn.Module:
+    """The folded view of a frozen network that stays in eval mode (an LM-VP source), for use inside another
+    module's ``forward`` at every step: refreshed only when its weights change (``refresh="on_change"``), and
+    ``model`` itself while ``torch.fx`` or ``torch.compile`` traces the caller, so that a trace of the caller
+    (an attack's own :func:`eval_view`, say) sees the network's modules and folds them itself."""
+    if _tracing():
+        return model
+    return eval_view(model, refresh="on_change")
+
+
+__all__ = ["FoldedConv2d", "eval_view", "frozen_eval_view"]

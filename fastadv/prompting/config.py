@@ -66,6 +66,7 @@ class LMVPConfig:
     normalization: str = "default"  # default (per geometry) | imagenet | target (training-set stats) | none
     mapping: str = "linear"  # rlm | flm | ilm | linear
     channels_last: bool | None = None  # None: automatic (the trainer's rule: on for a CNN source on the CPU or with amp)
+    fold_bn: bool = True  # run the frozen source with its BatchNorms folded into the convolutions (same function)
 
     # ---- data
     dataset: str = "cifar10"  # fastadv.data.get_dataset name ("digits" needs no files)
@@ -192,7 +193,7 @@ class LMVPConfig:
                 _fail(name, f"must be a dict with string keys, got {value!r}")
         if self.channels_last is not None and not isinstance(self.channels_last, bool):
             _fail("channels_last", f"must be True, False or None (automatic), got {self.channels_last!r}")
-        for name in ("pretrained", "save_source", "augment", "mia", "sanity_checks", "progress"):
+        for name in ("pretrained", "fold_bn", "save_source", "augment", "mia", "sanity_checks", "progress"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, f"must be True or False, got {getattr(self, name)!r}")
         for name in ("source_classes", "out_size", "rescale", "epochs", "batch_size", "lr_step_epochs",

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..attacks.fold import frozen_eval_view
 from ..models.registry import checkpoint_file
 from ..models.registry import load_weights_strict
 from .mapping import LabelMapping, make_mapping
@@ -245,6 +246,12 @@ class LMVPModel(nn.Module):
       or 1000).
     * ``channels_last``: convert the source's parameters (in place) and every canvas to channels-last memory
       format (faster convolutions on most CPUs and GPUs).
+    * ``fold_bn``: run the source with each BatchNorm folded into the convolution before it
+      (:func:`fastadv.attacks.fold.frozen_eval_view`). The frozen source is always in eval mode, where the two
+      are one affine map, so this changes results only by float rounding and saves the normalisation's forward
+      and backward passes at every training step and attack step (1.07–1.13× per step for a ResNet-50 on a
+      CPU). It holds a folded copy of the convolution weights, re-read when the source's weights are changed in
+      place or replaced (``load_state_dict``, ``.to()``), not when written through ``.data``.
 
     :meth:`canvas` gives the prompted input, :meth:`source_logits` the source's logits; ``forward`` returns the
     target logits. :meth:`trainable_parameters` are the prompt's and the mapping's. Training checkpoints leave
@@ -256,7 +263,7 @@ class LMVPModel(nn.Module):
 
     def __init__(self, source: str | nn.Module, prompt: str | VisualPrompt, mapping: str | LabelMapping, *,
                  n_target: int | None = None, n_source: int | None = None, channels_last: bool = False,
-                 source_kwargs: dict | None = None, prompt_kwargs: dict | None = None,
+                 fold_bn: bool = True, source_kwargs: dict | None = None, prompt_kwargs: dict | None = None,
                  mapping_generator: torch.Generator | int | None = None) -> None:
         super().__init__()
         source_kwargs = dict(source_kwargs or {})
@@ -288,7 +295,10 @@ class LMVPModel(nn.Module):
                                                                                   mapping.n_source)):
                 if value is not None and value != have:
                     _fail("LMVPModel", f"`{name}`={value} disagrees with the mapping's {name}={have}")
+        if not isinstance(fold_bn, bool):
+            _fail("LMVPModel", f"`fold_bn` must be True or False, got {fold_bn!r}")
         _freeze(source)
+        self.fold_bn = fold_bn
         self.channels_last = bool(channels_last)
         if self.channels_last:
             source.to(memory_format=torch.channels_last)  # in place: parameters are converted, not copied
@@ -308,6 +318,11 @@ class LMVPModel(nn.Module):
         # Someone may have called model.source.train() directly: a bool check per forward keeps it in eval.
         if self.source.training:
             self.source.eval()
+
+    @property
+    def folds_bn_itself(self) -> bool:
+        # An attack's own fold (fastadv.attacks.fold.eval_view) then calls this model as it is.
+        return self.fold_bn
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters that train: the prompt's and the mapping's (those with ``requires_grad``)."""
@@ -333,7 +348,8 @@ class LMVPModel(nn.Module):
     def source_logits(self, x: Tensor) -> Tensor:
         """The frozen source network's logits on the prompted images."""
         self._ensure_frozen()
-        return self.source(self.canvas(x))
+        source = frozen_eval_view(self.source) if self.fold_bn else self.source
+        return source(self.canvas(x))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mapping(self.source_logits(x))
@@ -350,7 +366,7 @@ class LMVPModel(nn.Module):
 
     def config(self) -> dict:
         return {"source": self.source_name, "prompt": self.prompt.config(), "mapping": self.mapping.config(),
-                "channels_last": self.channels_last,
+                "channels_last": self.channels_last, "fold_bn": self.fold_bn,
                 "trainable_parameters": sum(p.numel() for p in self.trainable_parameters())}
 
 

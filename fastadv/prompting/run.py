@@ -50,7 +50,7 @@ def build_model(config: LMVPConfig, train_set, *, source: nn.Module | None = Non
                           pad_width=config.pad_width, channels=int(train_set.x.shape[1]),
                           mean=mean, std=std, generator=config.seed)
     model = LMVPModel(source, prompt, config.mapping, n_target=train_set.num_classes,
-                      n_source=config.source_classes, channels_last=bool(config.channels_last),
+                      n_source=config.source_classes, channels_last=bool(config.channels_last), fold_bn=config.fold_bn,
                       mapping_generator=config.seed)
     model.source_name = name
     return model

@@ -170,8 +170,8 @@ def to_train_config(config: LMVPConfig, *, n_target: int, eval_subset: int | Non
         epochs=config.epochs, optimizer=config.optimizer, sam_base=config.sam_base, sam_rho=config.sam_rho,
         lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, schedule=schedule,
         milestones=milestones, lr_gamma=config.lr_gamma, eps=config.eps, alpha=config.alpha, steps=config.steps,
-        norm=config.norm, amp=config.amp, channels_last=config.channels_last, device=config.device,
-        seed=config.seed, eval_every=eval_every, eval_steps=0, eval_batch_size=config.eval_batch_size,
+        norm=config.norm, amp=config.amp, channels_last=config.channels_last, fold_bn=config.fold_bn,
+        device=config.device, seed=config.seed, eval_every=eval_every, eval_steps=0, eval_batch_size=config.eval_batch_size,
         best_metric="nat_acc", save_best=False, checkpoint_frozen=config.save_source, out_dir=config.out_dir,
         resume=config.resume, progress=config.progress)
 
