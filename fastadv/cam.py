@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .models.fold import TAP_NAME, eval_view
 from .utils import AMP_DTYPES, auto_channels_last, autocast_context, has_conv2d
 
 CAM_METHODS = ("gradcam", "xgradcam", "layercam")
@@ -68,6 +69,7 @@ def compute_cam(
     target: Tensor | Sequence[int] | None = None,
     amp: str | None = None,
     channels_last: bool | None = None,
+    fold_bn: bool = True,
 ) -> Tensor:
     """Class activation maps ``(B, h, w)`` (float32, after ReLU) of ``model`` on the batch ``x``.
 
@@ -82,7 +84,14 @@ def compute_cam(
     ``channels_last`` (``None``: automatic, the attack engine's rule: on for a network with a ``Conv2d`` on
     the CPU or with ``amp``) runs the pass on a channels-last copy of ``x``: the same maps up to float
     rounding, faster with oneDNN.
+
+    ``fold_bn`` runs the pass on the model's eval view with each BatchNorm folded into the convolution before it
+    (:func:`fastadv.models.fold.eval_view`, with the target layer as its tap): the same maps up to float
+    rounding, without the normalisation passes. Models with hooks, or that ``torch.fx`` cannot trace, run as
+    they are.
     """
+    if not isinstance(fold_bn, bool):
+        raise ValueError(f"compute_cam: `fold_bn` must be True or False, got {fold_bn!r}")
     if method not in CAM_METHODS:
         raise ValueError(f"unknown CAM method {method!r}; valid: {', '.join(CAM_METHODS)}")
     if amp not in (None, "none") and amp not in AMP_DTYPES:
@@ -112,14 +121,20 @@ def compute_cam(
 
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    handle = module.register_forward_hook(capture)
+    handle = None
     try:
         model.eval()
         for param, _ in flags:
             param.requires_grad_(False)
+        net, hooked = model, module
+        if fold_bn:
+            net = eval_view(model, tap=module)
+            if net is not model:
+                hooked = net.get_submodule(TAP_NAME)
+        handle = hooked.register_forward_hook(capture)
         with torch.enable_grad():
             with autocast_context(x.device, amp):
-                logits = model(x)
+                logits = net(x)
             logits = logits.float()
             if not captured:
                 raise ValueError("CAM target layer did not run during the forward pass")
@@ -139,7 +154,8 @@ def compute_cam(
             score = logits.gather(1, labels[:, None]).sum()
             (grad,) = torch.autograd.grad(score, activations)
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
         for m, training in modes:
             m.training = training
         for param, requires_grad in flags:
@@ -316,13 +332,14 @@ def part_masks(
     target: Tensor | Sequence[int] | None = None,
     threshold: float = 1.0,
     amp: str | None = None,
+    fold_bn: bool = True,
 ) -> Tensor:
     """PART pixel-importance masks of the batch ``x`` (``(B, C, H, W)`` in pixel space): one CAM pass
     (:func:`compute_cam`) then :func:`masks_from_cams`. Returns ``bool`` ``(B, 3, H, W)`` for
-    ``recipe="jet"`` and ``(B, 1, H, W)`` for ``recipe="cam"``; ``True`` marks important pixels (ε_high). ``amp``: see :func:`compute_cam`."""
+    ``recipe="jet"`` and ``(B, 1, H, W)`` for ``recipe="cam"``; ``True`` marks important pixels (ε_high). ``amp``, ``fold_bn``: see :func:`compute_cam`."""
     if recipe not in MASK_RECIPES:
         raise ValueError(f"unknown mask recipe {recipe!r}; valid: {', '.join(MASK_RECIPES)}")
-    cams = compute_cam(model, x, layer, method=method, target=target, amp=amp)
+    cams = compute_cam(model, x, layer, method=method, target=target, amp=amp, fold_bn=fold_bn)
     return masks_from_cams(cams, (x.shape[-2], x.shape[-1]), recipe=recipe, threshold=threshold)
 
 

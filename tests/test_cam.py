@@ -328,6 +328,70 @@ def test_layout_and_bf16_passes_agree_with_the_float32_nchw_pass():
         compute_cam(model, x, amp="fp8")
 
 
+def _count_batch_norms(monkeypatch) -> list:
+    calls: list = []
+    real = F.batch_norm
+    monkeypatch.setattr(F, "batch_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("name, layer", [
+    ("resnet18", None),  # layer4: a container with its own conv-BN pairs, folded inside the tap
+    ("small_cnn", None),
+    ("vgg11", None),
+    ("resnet18", "layer4.1.conv2"),  # a convolution whose BatchNorm comes after the tap: left unfolded
+    ("small_cnn", "block2"),  # a middle block: the layers after it are differentiated through folded pairs
+])
+def test_folded_cam_pass_equals_the_unfolded_one_without_running_batch_norm(monkeypatch, name, layer):
+    torch.manual_seed(6)
+    model = create_model(name, num_classes=10, **({} if name == "vgg11" else {"width": 8}))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-trivial statistics, and an eps that a fold without it would get wrong
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.eps = 0.1
+    x = get_dataset("digits", split="test").x[:6]
+    calls = _count_batch_norms(monkeypatch)
+    for method in ("gradcam", "xgradcam", "layercam"):
+        calls.clear()
+        plain = compute_cam(model, x, layer, method=method, fold_bn=False)
+        unfolded_calls = len(calls)
+        calls.clear()
+        folded = compute_cam(model, x, layer, method=method)
+        assert unfolded_calls > 0 and len(calls) == (1 if layer == "layer4.1.conv2" else 0)
+        scale = plain.amax(dim=(1, 2), keepdim=True).clamp(min=1e-6)
+        assert ((folded - plain).abs() / scale).max() < 1e-4
+    assert (part_masks(model, x, layer) == part_masks(model, x, layer, fold_bn=False)).float().mean() > 0.999
+
+
+def test_folded_cam_pass_steps_aside_for_hooked_models_and_rejects_a_twice_run_layer(monkeypatch):
+    torch.manual_seed(7)
+    model = create_model("small_cnn", num_classes=10, width=4).eval()
+    x = torch.rand(3, 3, 32, 32)
+    calls = _count_batch_norms(monkeypatch)
+    handle = model.block1.register_forward_hook(lambda *args: None)
+    compute_cam(model, x)
+    assert len(calls) == 5  # hooks would not all run in a view: the model runs as it is
+    handle.remove()
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU())
+            self.head = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.head(self.block(self.block(x)).mean((2, 3)))
+
+    with pytest.raises(ValueError, match="more than once"):
+        compute_cam(Twice().eval(), x, "block")
+    with pytest.raises(ValueError, match="fold_bn"):
+        compute_cam(model, x, fold_bn="yes")
+
+
 def test_cam_errors():
     net, x = _tiny_setup()
     with pytest.raises(ValueError, match="unknown CAM method"):

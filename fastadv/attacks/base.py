@@ -17,7 +17,7 @@ An attack is an object built with its hyper-parameters and called on a batch, ``
   to float rounding in the convolutions. On CPUs with AVX-512 BF16 or AMX, ``amp="bf16"`` is the fast
   path; converting the model itself (``model.to(memory_format=torch.channels_last)``) helps further;
 * **BatchNorm folding** — ``fold_bn=True`` (the default) runs the eval-mode model with every BatchNorm that
-  follows a convolution folded into it (:mod:`fastadv.attacks.fold`): the same function up to float rounding,
+  follows a convolution folded into it (:mod:`fastadv.models.fold`): the same function up to float rounding,
   without the normalisation's passes at each step;
 * **the updates** — every step and projection goes through :mod:`fastadv.ops`, and no step loop synchronises
   with the host: per-sample decisions (early stop, best point) are ``torch.where`` selections.
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..utils import AMP_DTYPES, auto_channels_last, has_conv2d
 from . import _checks
-from .fold import eval_view
+from ..models.fold import eval_view
 from .losses import margin
 
 NORMS = ("linf", "l2")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..attacks.fold import frozen_eval_view
+from ..models.fold import frozen_eval_view
 from ..models.registry import checkpoint_file
 from ..models.registry import load_weights_strict
 from .mapping import LabelMapping, make_mapping
@@ -247,7 +247,7 @@ class LMVPModel(nn.Module):
     * ``channels_last``: convert the source's parameters (in place) and every canvas to channels-last memory
       format (faster convolutions on most CPUs and GPUs).
     * ``fold_bn``: run the source with each BatchNorm folded into the convolution before it
-      (:func:`fastadv.attacks.fold.frozen_eval_view`). The frozen source is always in eval mode, where the two
+      (:func:`fastadv.models.fold.frozen_eval_view`). The frozen source is always in eval mode, where the two
       are one affine map, so this changes results only by float rounding and saves the normalisation's forward
       and backward passes at every training step and attack step (1.07–1.13× per step for a ResNet-50 on a
       CPU). It holds a folded copy of the convolution weights, re-read when the source's weights are changed in
@@ -321,7 +321,7 @@ class LMVPModel(nn.Module):
 
     @property
     def folds_bn_itself(self) -> bool:
-        # An attack's own fold (fastadv.attacks.fold.eval_view) then calls this model as it is.
+        # An attack's own fold (fastadv.models.fold.eval_view) then calls this model as it is.
         return self.fold_bn
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ... import ops
 from ...attacks import attack_mode
-from ...attacks.fold import eval_view
+from ...models.fold import eval_view
 from ...utils import autocast_context
 
 # fp16 input gradients underflow on small losses; only their sign / direction is used, so the objective is
@@ -46,7 +46,7 @@ def ascend(model: nn.Module, x: Tensor, delta: Tensor, objective: Callable[[Tens
            step: StepFn, amp: str | None = None, fold_bn: bool = True) -> Tensor:
     """``steps`` ascent steps on ``objective(logits of x + delta)`` (a scalar), updating ``delta`` in place with
     ``step(delta, grad, x)``; returns ``x + delta``. Gradients flow to the input only; ``fold_bn`` runs the
-    BatchNorm-folded eval view of the model (:func:`fastadv.attacks.fold.eval_view`), as the attacks do."""
+    BatchNorm-folded eval view of the model (:func:`fastadv.models.fold.eval_view`), as the attacks do."""
     scale = FP16_LOSS_SCALE if amp == "fp16" else None
     with attack_mode(model), torch.enable_grad():
         net = eval_view(model) if fold_bn else model

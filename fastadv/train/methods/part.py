@@ -102,7 +102,7 @@ class PART(Method):
         """``uint8`` masks of ``images`` from the current model (one batched CAM pass in eval mode)."""
         c = self.config
         return part_masks(trainer.model, images, c.cam_layer, c.cam_method, c.cam_recipe,
-                          amp=trainer.amp if c.cam_amp is None else c.cam_amp).to(torch.uint8)
+                          amp=trainer.amp if c.cam_amp is None else c.cam_amp, fold_bn=c.fold_bn).to(torch.uint8)
 
     def _ensure_cache(self, masks: Tensor) -> None:
         if self.cache is None:

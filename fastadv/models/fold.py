@@ -1,10 +1,11 @@
 """Eval-mode views of a network with BatchNorm folded into the convolution before it.
 
-An attack runs the model in eval mode, where ``BatchNorm2d(Conv2d(x))`` is one affine map of the convolution's
-output: the same function as a single convolution with weight ``w · s`` and bias ``(b − μ) · s + β``, where
-``s = γ / sqrt(σ² + ε)``. Folding saves the normalisation's forward and backward passes at every attack step
-(about a fifth of a CIFAR ResNet-18's attack time on a CPU). The result equals the unfolded model's up to float
-rounding.
+In eval mode ``BatchNorm2d(Conv2d(x))`` is one affine map of the convolution's output: the same function as a
+single convolution with weight ``w · s`` and bias ``(b − μ) · s + β``, where ``s = γ / sqrt(σ² + ε)``. Folding
+saves the normalisation's forward and backward passes wherever a network runs in eval mode: at every attack
+step (about a fifth of a CIFAR ResNet-18's attack time on a CPU), in a CAM pass (:mod:`fastadv.cam`), and at
+every training step of an LM-VP prompt over a frozen source (:mod:`fastadv.prompting`). The result equals the
+unfolded model's up to float rounding.
 
 :func:`eval_view` gives, for a model, a ``torch.fx`` trace of it (made once per model, in eval mode) in which
 every foldable convolution–BatchNorm pair is one :class:`FoldedConv2d`, refreshed from the model's current
@@ -90,7 +91,22 @@ class _View:
         self.module, self.folded, self.structure = module, folded, structure
 
 
-_VIEWS: weakref.WeakKeyDictionary[nn.Module, _View] = weakref.WeakKeyDictionary()
+# model -> {id of the tapped module (None: no tap): its view}
+_VIEWS: weakref.WeakKeyDictionary[nn.Module, dict[int | None, _View]] = weakref.WeakKeyDictionary()
+
+TAP_NAME = "_fastadv_tap"
+
+
+class _Tap(nn.Module):
+    """Stands in the view for a module whose output a caller hooks (a CAM's target layer): it calls that module's
+    own folded view, so the hook sees the module's output while the convolutions inside it stay folded too."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
 
 
 def _structure(model: nn.Module) -> tuple:
@@ -104,10 +120,10 @@ class _Tracer(torch.fx.Tracer):
     convolution or BatchNorm itself, an input normalisation or a label mapping that validates shapes, a head)
     is called as it is, never traced into."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, keep: nn.Module | None = None) -> None:
         super().__init__()
         self.containers = {id(m) for m in model.modules() if next(m.children(), None) is not None
-                           and not _folds_itself(m) and _holds_conv_and_bn(m)}
+                           and m is not keep and not _folds_itself(m) and _holds_conv_and_bn(m)}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return id(m) not in self.containers
@@ -130,14 +146,16 @@ def _holds_conv_and_bn(model: nn.Module) -> bool:
     return nn.Conv2d in kinds and nn.BatchNorm2d in kinds
 
 
-def _build_view(model: nn.Module) -> _View:
+def _build_view(model: nn.Module, tap: nn.Module | None = None) -> _View:
     structure = _structure(model)
     if _folds_itself(model) or not _holds_conv_and_bn(model):  # nothing to fold here: do not even trace
+        return _View(None, [], structure)
+    if tap is not None and (tap is model or not any(m is tap for m in model.modules())):
         return _View(None, [], structure)
     was_training = [(m, m.training) for m in model.modules()]
     try:
         model.eval()  # branches on self.training are traced as the attack runs them
-        graph_module = torch.fx.GraphModule(model, _Tracer(model).trace(model))
+        graph_module = torch.fx.GraphModule(model, _Tracer(model, keep=tap).trace(model))
     except Exception:  # noqa: BLE001 — untraceable models (data-dependent control flow) are used unfolded
         return _View(None, [], structure)
     finally:
@@ -152,7 +170,8 @@ def _build_view(model: nn.Module) -> _View:
         if not (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1):
             continue
         conv, bn = modules.get(source.target), modules.get(node.target)
-        if conv is None or bn is None or not _foldable(conv, bn) or len(node.args) != 1 or node.kwargs:
+        if conv is None or bn is None or conv is tap or not _foldable(conv, bn) or len(node.args) != 1 \
+                or node.kwargs:
             continue
         name = f"_fastadv_folded_{len(folded)}"
         fused = FoldedConv2d(conv, bn)
@@ -163,6 +182,16 @@ def _build_view(model: nn.Module) -> _View:
         graph_module.graph.erase_node(node)
         graph_module.graph.erase_node(source)
         folded.append(fused)
+    if tap is not None:
+        calls = [node for node in graph_module.graph.nodes
+                 if node.op == "call_module" and modules.get(node.target) is tap]
+        if not calls:  # the tapped module is not called as a module: a hook on it would not run in the view
+            return _View(None, [], structure)
+        inner = _build_view(tap)
+        graph_module.add_submodule(TAP_NAME, _Tap(inner.module if inner.module is not None else tap))
+        for node in calls:
+            node.target = TAP_NAME
+        folded.extend(inner.folded)
     if not folded:
         return _View(None, [], structure)
     graph_module.graph.lint()
@@ -181,10 +210,15 @@ def _has_hooks(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def eval_view(model: nn.Module, *, refresh: str = "always") -> nn.Module:
+def eval_view(model: nn.Module, *, refresh: str = "always", tap: nn.Module | None = None) -> nn.Module:
     """``model`` in eval mode with its convolution–BatchNorm pairs folded, refreshed from the current weights;
     ``model`` itself when nothing can be folded or the model has hooks. Call it in eval mode, once per attack
     (not per step).
+
+    ``tap``: a sub-module whose output the caller needs (a CAM's target layer). The view then calls, in its
+    place, the sub-module ``view.get_submodule(TAP_NAME)``, which returns ``tap``'s output (computed with
+    ``tap``'s own pairs folded): register the forward hook there. When the view is ``model`` itself, hook
+    ``tap``. Each tap has its own view, with its own folded copy of the weights.
 
     ``refresh``: ``"always"`` recomputes every folded weight (a pass over the convolution weights: cheap next to
     an attack); ``"on_change"`` only those whose convolution or BatchNorm tensors were replaced or modified in
@@ -194,9 +228,11 @@ def eval_view(model: nn.Module, *, refresh: str = "always") -> nn.Module:
         raise ValueError(f"eval_view: `refresh` must be 'always' or 'on_change', got {refresh!r}")
     if _has_hooks(model):
         return model
-    view = _VIEWS.get(model)
+    views = _VIEWS.setdefault(model, {})
+    key = None if tap is None else id(tap)
+    view = views.get(key)
     if view is None or view.structure != _structure(model):
-        view = _VIEWS[model] = _build_view(model)
+        view = views[key] = _build_view(model, tap)
     if view.module is None:
         return model
     for fused in view.folded:
@@ -220,4 +256,4 @@ def frozen_eval_view(model: nn.Module) -> nn.Module:
     return eval_view(model, refresh="on_change")
 
 
-__all__ = ["FoldedConv2d", "eval_view", "frozen_eval_view"]
+__all__ = ["TAP_NAME", "FoldedConv2d", "eval_view", "frozen_eval_view"]

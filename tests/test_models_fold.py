@@ -1,4 +1,4 @@
-"""BatchNorm folding for attacks (fastadv.attacks.fold): the folded eval view computes the model's eval-mode
+"""BatchNorm folding (fastadv.models.fold): the folded eval view computes the model's eval-mode
 function and input gradients, follows weight updates and module replacement, and steps aside for models it
 must not touch (no BatchNorm, hooks, untraceable control flow, batch statistics, a convolution output used
 twice)."""
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastadv.attacks import PGD
-from fastadv.attacks.fold import FoldedConv2d, eval_view
+from fastadv.models.fold import FoldedConv2d, eval_view
 from fastadv.models import create_model, with_normalization
 from fastadv.train import TrainConfig, Trainer
 
@@ -269,6 +269,24 @@ def test_training_config_switches_folding_off():
         trainer.close()
     with pytest.raises(ValueError, match="fold_bn"):
         TrainConfig(fold_bn="no")
+
+
+@pytest.mark.parametrize("fold_bn", [True, False])
+def test_training_config_fold_bn_reaches_the_part_masks(monkeypatch, fold_bn):
+    import fastadv.train.methods.part as part
+
+    seen = []
+    real = part.part_masks
+    monkeypatch.setattr(part, "part_masks", lambda *a, **k: seen.append(k["fold_bn"]) or real(*a, **k))
+    config = TrainConfig(method="part", model="small_cnn", model_kwargs={"width": 4}, dataset="digits",
+                         train_subset=16, eval_subset=0, batch_size=8, epochs=1, steps=1, progress=False,
+                         out_dir=None, fold_bn=fold_bn, warmup_epochs=0)
+    trainer = Trainer(config)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    assert seen and set(seen) == {fold_bn}
 
 
 def test_trades_inner_loop_runs_the_folded_view():
