@@ -109,10 +109,10 @@ class _Tap(nn.Module):
         return self.inner(*args, **kwargs)
 
 
-def _structure(model: nn.Module) -> tuple:
+def _structure(modules: list[nn.Module]) -> tuple:
     """Which modules the model is made of, and which fold themselves: a view is rebuilt when a module is
     replaced (e.g. SyncBatchNorm conversion) or an LM-VP model's ``fold_bn`` is switched."""
-    return tuple((id(m), _folds_itself(m)) for m in model.modules())
+    return tuple((id(m), _folds_itself(m)) for m in modules)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -132,7 +132,9 @@ class _Tracer(torch.fx.Tracer):
 def _folds_itself(model: nn.Module) -> bool:
     """A module that folds its own BatchNorms (``folds_bn_itself``, e.g. an LM-VP model over its frozen source)
     is called as it is: a second folded copy of its weights would only cost memory."""
-    return bool(getattr(model, "folds_bn_itself", False))
+    # Looked up on the class first: nn.Module.__getattr__ raises (slowly) for a missing attribute, and this runs
+    # for every module at every call.
+    return getattr(type(model), "folds_bn_itself", None) is not None and bool(model.folds_bn_itself)
 
 
 def _holds_conv_and_bn(model: nn.Module) -> bool:
@@ -147,7 +149,7 @@ def _holds_conv_and_bn(model: nn.Module) -> bool:
 
 
 def _build_view(model: nn.Module, tap: nn.Module | None = None) -> _View:
-    structure = _structure(model)
+    structure = _structure(list(model.modules()))
     if _folds_itself(model) or not _holds_conv_and_bn(model):  # nothing to fold here: do not even trace
         return _View(None, [], structure)
     if tap is not None and (tap is model or not any(m is tap for m in model.modules())):
@@ -199,7 +201,7 @@ def _build_view(model: nn.Module, tap: nn.Module | None = None) -> _View:
     return _View(graph_module, folded, structure)
 
 
-def _has_hooks(model: nn.Module) -> bool:
+def _has_hooks(modules: list[nn.Module]) -> bool:
     """Module hooks would not all run in the view (its graph replaces the containers' and the folded pairs'
     forward calls), so a hooked model (a query counter, a feature extractor) is called as it is."""
     from torch.nn.modules import module as module_globals
@@ -207,7 +209,7 @@ def _has_hooks(model: nn.Module) -> bool:
     if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in model.modules())
+               for m in modules)
 
 
 def eval_view(model: nn.Module, *, refresh: str = "always", tap: nn.Module | None = None) -> nn.Module:
@@ -226,12 +228,13 @@ def eval_view(model: nn.Module, *, refresh: str = "always", tap: nn.Module | Non
     """
     if refresh not in ("always", "on_change"):
         raise ValueError(f"eval_view: `refresh` must be 'always' or 'on_change', got {refresh!r}")
-    if _has_hooks(model):
+    modules = list(model.modules())  # one walk of the module tree per call: this runs at every LM-VP step
+    if _has_hooks(modules):
         return model
     views = _VIEWS.setdefault(model, {})
     key = None if tap is None else id(tap)
     view = views.get(key)
-    if view is None or view.structure != _structure(model):
+    if view is None or view.structure != _structure(modules):
         view = views[key] = _build_view(model, tap)
     if view.module is None:
         return model
