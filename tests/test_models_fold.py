@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastadv.attacks import PGD
-from fastadv.models.fold import FoldedConv2d, eval_view
 from fastadv.models import create_model, with_normalization
+from fastadv.models.fold import FoldedConv2d, eval_view
 from fastadv.train import TrainConfig, Trainer
 
 

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.fold import frozen_eval_view
-from ..models.registry import checkpoint_file
-from ..models.registry import load_weights_strict
+from ..models.registry import checkpoint_file, load_weights_strict
 from .mapping import LabelMapping, make_mapping
 from .prompt import VisualPrompt
 
