@@ -300,3 +300,19 @@ def test_trades_inner_loop_runs_the_folded_view():
     a = ascend(model, x, torch.zeros_like(x), objective, steps=3, step=step)
     b = ascend(model, x, torch.zeros_like(x), objective, steps=3, step=step, fold_bn=False)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_half_precision_model_folds_in_float32_and_rounds_once():
+    torch.manual_seed(8)
+    model = _randomise_bn(create_model("resnet18", num_classes=10, width=8)).to(torch.bfloat16)
+    view = eval_view(model)
+    pairs = [m for m in view.modules() if isinstance(m, FoldedConv2d)]
+    assert pairs and all(m.weight.dtype == torch.bfloat16 for m in pairs)
+    for m in pairs:  # the fold of the bf16 parameters in float64, by the formula, rounded once to bf16
+        bn = m.bn
+        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        weight = (m.conv.weight.double() * scale[:, None, None, None]).to(torch.bfloat16)
+        bias = (bn.bias.double() - bn.running_mean.double() * scale).to(torch.bfloat16)
+        ulp = 2.0 ** -7  # bf16 keeps 8 significant bits: neighbours differ by at most 2^-7 relative
+        assert ((m.weight.double() - weight.double()).abs() <= ulp * weight.double().abs()).all()
+        assert ((m.bias.double() - bias.double()).abs() <= ulp * bias.double().abs() + 1e-30).all()

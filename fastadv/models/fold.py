@@ -55,16 +55,18 @@ class FoldedConv2d(nn.Module):
         if only_if_changed and stamp == self._stamp:
             return
         self._stamp = stamp
-        scale = torch.rsqrt(bn.running_var + bn.eps)
+        dtype = conv.weight.dtype
+        math = torch.promote_types(dtype, torch.float32)  # a half-precision model folds in float32, then rounds once
+        scale = torch.rsqrt(bn.running_var.to(math) + bn.eps)
         if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
+            scale = scale * bn.weight.to(math)
+        shift = -bn.running_mean.to(math) * scale
         if bn.bias is not None:
-            shift = shift + bn.bias
+            shift = shift + bn.bias.to(math)
         if conv.bias is not None:
-            shift = shift + conv.bias * scale
-        weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
-        shift = shift.to(conv.weight.dtype)
+            shift = shift + conv.bias.to(math) * scale
+        weight = (conv.weight.to(math) * scale.reshape(-1, 1, 1, 1)).to(dtype)
+        shift = shift.to(dtype)
         if self.weight is None or not _same_layout(self.weight, weight) or not _same_layout(self.bias, shift):
             self.weight, self.bias = weight, shift
         else:  # in place: a captured CUDA graph keeps reading the right tensors
