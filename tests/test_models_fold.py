@@ -316,3 +316,23 @@ def test_half_precision_model_folds_in_float32_and_rounds_once():
         ulp = 2.0 ** -7  # bf16 keeps 8 significant bits: neighbours differ by at most 2^-7 relative
         assert ((m.weight.double() - weight.double()).abs() <= ulp * weight.double().abs()).all()
         assert ((m.bias.double() - bias.double()).abs() <= ulp * bias.double().abs() + 1e-30).all()
+
+
+def test_lmvp_model_evaluated_under_inference_mode_first_still_trains():
+    folded, plain = _lmvp_pair(seed=9)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.inference_mode():  # the first forward builds the view and its folded weights here
+        folded(x)
+    folded.train()
+    out = folded(x)
+    out.logsumexp(1).sum().backward()  # the folded weights are normal tensors: saved for backward
+    assert folded.prompt.prompt.grad is not None
+    with torch.no_grad():
+        folded.source.block1[0].weight.mul_(1.1)
+    with torch.inference_mode():  # an in-place refresh under inference mode, then training again
+        torch.testing.assert_close(folded(x), plain(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(folded(x), plain(x), rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():  # a network built under inference mode folds as well
+        source = _randomise_bn(create_model("small_cnn", num_classes=10, width=4))
+        torch.testing.assert_close(eval_view(source, refresh="on_change")(x.repeat(1, 1, 2, 2)),
+                                   source(x.repeat(1, 1, 2, 2)), rtol=1e-4, atol=1e-5)

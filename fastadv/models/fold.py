@@ -43,6 +43,8 @@ class FoldedConv2d(nn.Module):
         ``.to()`` and re-assignment — not on writes through ``.data``, which bypass the counter."""
         conv, bn = self.conv, self.bn
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        if any(t is not None and t.is_inference() for t in tensors):
+            return (object(),)  # inference tensors have no version counter: never equal, so always re-read
         return (bn.eps, *((t.data_ptr(), t._version, t.dtype, t.stride()) if t is not None else None
                           for t in tensors))
 
@@ -50,11 +52,17 @@ class FoldedConv2d(nn.Module):
     def refresh(self, only_if_changed: bool = False) -> None:
         """Re-read the folded weight and bias from ``conv`` and ``bn``; with ``only_if_changed``, skip the work
         when none of their tensors was replaced or modified in place since the last refresh."""
-        conv, bn = self.conv, self.bn
         stamp = self._source_stamp()
         if only_if_changed and stamp == self._stamp:
             return
         self._stamp = stamp
+        # Normal tensors even when called under torch.inference_mode() (an LM-VP model evaluated there first):
+        # inference tensors could neither be updated in place nor saved for backward by later training steps.
+        with torch.inference_mode(False), torch.no_grad():
+            self._recompute()
+
+    def _recompute(self) -> None:
+        conv, bn = self.conv, self.bn
         dtype = conv.weight.dtype
         math = torch.promote_types(dtype, torch.float32)  # a half-precision model folds in float32, then rounds once
         scale = torch.rsqrt(bn.running_var.to(math) + bn.eps)
