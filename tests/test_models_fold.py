@@ -336,3 +336,12 @@ def test_lmvp_model_evaluated_under_inference_mode_first_still_trains():
         source = _randomise_bn(create_model("small_cnn", num_classes=10, width=4))
         torch.testing.assert_close(eval_view(source, refresh="on_change")(x.repeat(1, 1, 2, 2)),
                                    source(x.repeat(1, 1, 2, 2)), rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_view_leaves_data_parallel_replicas_alone():
+    from fastadv.models.fold import frozen_eval_view
+
+    source = _randomise_bn(create_model("small_cnn", num_classes=10, width=4))
+    assert frozen_eval_view(source) is not source
+    replica = source._replicate_for_data_parallel()  # what nn.DataParallel makes at every forward
+    assert frozen_eval_view(replica) is replica

@@ -263,8 +263,10 @@ def frozen_eval_view(model: nn.Module) -> nn.Module:
     """The folded view of a frozen network that stays in eval mode (an LM-VP source), for use inside another
     module's ``forward`` at every step: refreshed only when its weights change (``refresh="on_change"``), and
     ``model`` itself while ``torch.fx`` or ``torch.compile`` traces the caller, so that a trace of the caller
-    (an attack's own :func:`eval_view`, say) sees the network's modules and folds them itself."""
-    if _tracing():
+    (an attack's own :func:`eval_view`, say) sees the network's modules and folds them itself, and for the
+    per-call replicas of ``nn.DataParallel``."""
+    if _tracing() or getattr(model, "_is_replica", False):
+        # nn.DataParallel makes new replicas at every forward: a view of each would be traced and thrown away
         return model
     return eval_view(model, refresh="on_change")
 
