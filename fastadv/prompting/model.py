@@ -250,7 +250,9 @@ class LMVPModel(nn.Module):
       are one affine map, so this changes results only by float rounding and saves the normalisation's forward
       and backward passes at every training step and attack step (1.07–1.13× per step for a ResNet-50 on a
       CPU). It holds a folded copy of the convolution weights, re-read when the source's weights are changed in
-      place or replaced (``load_state_dict``, ``.to()``), not when written through ``.data``.
+      place or replaced (``load_state_dict``, ``.to()``), not when written through ``.data``; the copy is
+      updated in place, so a graph captured by ``PGD(cuda_graph=True)`` sees such a change after the model's
+      next eager forward.
 
     :meth:`canvas` gives the prompted input, :meth:`source_logits` the source's logits; ``forward`` returns the
     target logits. :meth:`trainable_parameters` are the prompt's and the mapping's. Training checkpoints leave
