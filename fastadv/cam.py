@@ -336,7 +336,8 @@ def part_masks(
 ) -> Tensor:
     """PART pixel-importance masks of the batch ``x`` (``(B, C, H, W)`` in pixel space): one CAM pass
     (:func:`compute_cam`) then :func:`masks_from_cams`. Returns ``bool`` ``(B, 3, H, W)`` for
-    ``recipe="jet"`` and ``(B, 1, H, W)`` for ``recipe="cam"``; ``True`` marks important pixels (ε_high). ``amp``, ``fold_bn``: see :func:`compute_cam`."""
+    ``recipe="jet"`` and ``(B, 1, H, W)`` for ``recipe="cam"``; ``True`` marks important pixels (ε_high).
+    ``amp``, ``fold_bn``: see :func:`compute_cam`."""
     if recipe not in MASK_RECIPES:
         raise ValueError(f"unknown mask recipe {recipe!r}; valid: {', '.join(MASK_RECIPES)}")
     cams = compute_cam(model, x, layer, method=method, target=target, amp=amp, fold_bn=fold_bn)
