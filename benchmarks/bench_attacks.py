@@ -26,10 +26,9 @@ import time
 
 import pytest
 import torch
-
-from benchmarks._common import add_threads_option, apply_threads, cpu_name, write_report
 import torch.nn.functional as F
 
+from benchmarks._common import add_threads_option, apply_threads, cpu_name, write_report
 from fastadv.attacks import APGD, PGD, AutoAttack
 from fastadv.models import small_cnn
 

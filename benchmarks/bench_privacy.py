@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 from benchmarks._common import add_threads_option, apply_threads, cpu_name, write_report
-
 from fastadv.privacy import rmia_scores, roc_metrics
 
 LEVELS = (0.01, 0.001)

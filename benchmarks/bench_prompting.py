@@ -41,15 +41,14 @@ import statistics
 import time
 
 import torch
-
-from benchmarks._common import add_threads_option, apply_threads, cpu_name, write_report
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks._common import add_threads_option, apply_threads, cpu_name, write_report
 from fastadv import ops
 from fastadv.data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from fastadv.prompting import LMVPModel, VisualPrompt
-from fastadv.train import Batch, Trainer, TrainConfig
+from fastadv.train import Batch, TrainConfig, Trainer
 
 N_TARGET = 10
 

@@ -35,15 +35,14 @@ import time
 import numpy as np
 import pytest
 import torch
-
-from benchmarks._common import add_threads_option, apply_threads, cpu_name, write_report
 import torch.nn.functional as F
 
+from benchmarks._common import add_threads_option, apply_threads, cpu_name, write_report
 from fastadv.cam import compute_cam, masks_from_cams, part_masks
 from fastadv.data import get_dataset
 from fastadv.models import create_model
 from fastadv.models.fold import eval_view
-from fastadv.train import Trainer, TrainConfig
+from fastadv.train import TrainConfig, Trainer
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 10
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 2e-4

@@ -179,6 +179,28 @@ def test_transferred_at_never_queries_the_target_for_gradients(optimizer, passes
     assert crafted == {"forward": 0, "backward": 0}
 
 
+@pytest.mark.parametrize("fold_bn", [True, False])
+def test_transferred_at_attack_follows_fold_bn(fold_bn):
+    from fastadv.prompting.train import model_description
+    from fastadv.train import Trainer
+    from fastadv.train.methods import METHODS
+
+    x, y = data(16)
+    model = lmvp()
+    config = to_train_config(tiny_config(method="transfer_at", fold_bn=fold_bn), n_target=model.n_target,
+                             eval_subset=0, eval_every=0, model_kwargs=model_description(model))
+    method = METHODS[config.method](config, fit_data=(x, y), threat_model=small_cnn(N_TARGET, seed=5))
+    trainer = Trainer(config, model=model, train_set=(x, y), method=method)
+    try:
+        assert trainer.method.attack.fold_bn is fold_bn
+    finally:
+        trainer.close()
+    # train_lmvp applies the config's setting to the model's own source as well
+    model = lmvp()
+    train_lmvp(model, (x, y), tiny_config(fold_bn=fold_bn))
+    assert model.fold_bn is fold_bn
+
+
 def test_transfer_evaluation_attack_crafts_on_the_threat_model_only():
     model = lmvp()
     threat = small_cnn(N_TARGET, seed=5)

@@ -22,8 +22,7 @@ from torch import nn
 
 from fastadv.data import get_dataset
 from fastadv.models import create_model
-from fastadv.train import (SAM, CheckpointError, TrainConfig, Trainer, atomic_save, load_checkpoint, lr_factor,
-                           train)
+from fastadv.train import SAM, CheckpointError, TrainConfig, Trainer, atomic_save, load_checkpoint, lr_factor, train
 from fastadv.train import checkpoint as checkpoint_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")

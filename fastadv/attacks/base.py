@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..models.fold import eval_view
 from ..utils import AMP_DTYPES, auto_channels_last, has_conv2d
 from . import _checks
-from ..models.fold import eval_view
 from .losses import margin
 
 NORMS = ("linf", "l2")

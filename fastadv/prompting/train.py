@@ -122,7 +122,7 @@ class LMVPTransferAT(_LMVPMethod, PGDAT):
         c = self.config
         self.attack = PGD(self.threat_model, eps=c.eps, alpha=c.alpha, steps=c.steps, norm=c.norm, loss="ce",
                           random_start=True, generator=trainer.attack_generator, amp=trainer.amp,
-                          channels_last=c.channels_last)
+                          channels_last=c.channels_last, fold_bn=c.fold_bn)
 
 
 def register_lmvp_methods() -> None:
@@ -171,7 +171,8 @@ def to_train_config(config: LMVPConfig, *, n_target: int, eval_subset: int | Non
         lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, schedule=schedule,
         milestones=milestones, lr_gamma=config.lr_gamma, eps=config.eps, alpha=config.alpha, steps=config.steps,
         norm=config.norm, amp=config.amp, channels_last=config.channels_last, fold_bn=config.fold_bn,
-        device=config.device, seed=config.seed, eval_every=eval_every, eval_steps=0, eval_batch_size=config.eval_batch_size,
+        device=config.device, seed=config.seed, eval_every=eval_every, eval_steps=0,
+        eval_batch_size=config.eval_batch_size,
         best_metric="nat_acc", save_best=False, checkpoint_frozen=config.save_source, out_dir=config.out_dir,
         resume=config.resume, progress=config.progress)
 
@@ -216,6 +217,7 @@ def train_lmvp(model: LMVPModel, train_data, config: LMVPConfig, *, threat_model
                              f"on {device}; move it there first")
         sample, _ = _data.first_images(train_data, 1, device, "train_data")
         check_threat_model(threat_model, model.n_target, sample, target=model)
+    model.fold_bn = config.fold_bn  # the run's setting, as for the memory format below
     has_eval = eval_data is not None
     train_config = to_train_config(config, n_target=model.n_target,
                                    eval_subset=config.eval_subset if has_eval else 0,

@@ -36,17 +36,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .checkpoint import (CheckpointError, atomic_save, atomic_write_text, capture_global_rng, fingerprint,
-                         fingerprint_mismatch, frozen_prefixes, load_checkpoint, restore_global_rng)
+from ..utils import auto_channels_last, autocast_context, has_conv2d
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import VERSION as CHECKPOINT_VERSION
+from .checkpoint import (CheckpointError, atomic_save, atomic_write_text, capture_global_rng, fingerprint,
+                         fingerprint_mismatch, frozen_prefixes, load_checkpoint, restore_global_rng)
 from .config import TrainConfig
 from .data import Batch, EvalData, TrainData, augment
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, init_distributed, shutdown
 from .evaluate import evaluate_robustness
 from .logs import RunLogger
 from .methods import Method, create_method
-from ..utils import auto_channels_last, autocast_context, has_conv2d
 from .optim import SAM, build_optimizer, build_scheduler
 
 log = logging.getLogger("fastadv.train")

@@ -6,9 +6,10 @@ maximisation runs with a per-pixel budget: ``eps`` (ε_high) on important pixels
 through :func:`fastadv.ops.masked_pgd_step_`; the start and the step size stay those of the base method.
 
 Masks (``fastadv.cam.part_masks``: CAM of the predicted class in eval mode, reference ``jet`` recipe or the
-monotone ``cam`` recipe; the CAM pass under ``cam_amp`` autocast, by default the run's ``amp``) are computed
-batched for the *current* batch's examples, on their un-augmented images, every ``cam_every`` epochs, and cached by dataset index (``uint8``) in between; the cached mask follows
-the batch's random crop and flip exactly as its image did. Under DDP the masks computed in a refresh epoch are
+monotone ``cam`` recipe; the CAM pass under ``cam_amp`` autocast, by default the run's ``amp``, with BatchNorm
+folded when ``fold_bn``) are computed batched for the *current* batch's examples, on their un-augmented images,
+every ``cam_every`` epochs, and cached by dataset index (``uint8``) in between; the cached mask follows the
+batch's random crop and flip exactly as its image did. Under DDP the masks computed in a refresh epoch are
 gathered from all ranks, so every rank holds the whole cache. ``reproduce_misaligned_masks=True`` reproduces the
 reference code instead: masks computed on a differently shuffled pass are looked up by position in the epoch,
 so every image is attacked with another image's mask (a per-rank cache, saved for every rank).
